@@ -1,0 +1,137 @@
+"""MSCRED signature matrices (Zhang et al., AAAI 2019, section "Characterizing Status with
+Signature Matrices") and the min-max scaling they are computed on.
+
+At time t and scale w, M_ij(t) = (1/w) * sum_{d=0}^{w-1} x_i(t-d) * x_j(t-d).
+
+A *window* ending at sample index t stacks ``step`` signature tensors ending at
+t - (step-1)*gap, ..., t - gap, t (oldest first), each with one channel per scale, so it needs
+``span(scales, gap, step) = max(scales) + (step-1)*gap`` consecutive samples. Windows end at
+the indices t with (t + 1) % gap == 0 (t counted from the start of the series, i.e. a Sample's
+``seq``), so offline evaluation and the streaming featurizer cut exactly the same windows.
+
+This module is the vectorised reference used offline (training, evaluation) and by tests; the
+featurizer keeps the same sums incrementally per entity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_SCALES = (10, 30, 60)
+DEFAULT_GAP = 10
+DEFAULT_STEP = 5
+DEFAULT_CLIP = 10.0
+
+
+def span(scales, gap: int, step: int) -> int:
+    """Consecutive samples one window needs."""
+    return max(scales) + (step - 1) * gap
+
+
+def window_ends(n_samples: int, scales=DEFAULT_SCALES, gap: int = DEFAULT_GAP, step: int = DEFAULT_STEP,
+                first_seq: int = 0) -> np.ndarray:
+    """Indices (into a series whose first row has seq ``first_seq``) where windows end."""
+    need = span(scales, gap, step)
+    t = np.arange(need - 1, n_samples)
+    return t[(t + first_seq + 1) % gap == 0]
+
+
+def signature_windows(x: np.ndarray, ends: np.ndarray, scales=DEFAULT_SCALES, gap: int = DEFAULT_GAP,
+                      step: int = DEFAULT_STEP) -> np.ndarray:
+    """Signature tensors [len(ends), step, S, N, N] (float32) of the scaled series x [T, N].
+
+    Computed from exact sums over blocks of ``g = gcd(gap, scales)`` samples in float64.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    ends = np.asarray(ends, dtype=np.int64)
+    n = x.shape[1]
+    if ends.size == 0:
+        return np.zeros((0, step, len(scales), n, n), np.float32)
+    if ends.min() - (step - 1) * gap - max(scales) + 1 < 0 or ends.max() >= x.shape[0]:
+        raise ValueError("a window end is too close to the start of the series or beyond its end")
+    g = int(np.gcd.reduce([gap, *scales]))
+    # prefix[j] = sum of x x^T over rows [0, j*g): prefix sums at block boundaries.
+    nb = x.shape[0] // g
+    blocks = np.einsum("bti,btj->bij", x[: nb * g].reshape(nb, g, n), x[: nb * g].reshape(nb, g, n))
+    prefix = np.zeros((nb + 1, n, n))
+    np.cumsum(blocks, axis=0, out=prefix[1:])
+    out = np.empty((len(ends), step, len(scales), n, n), np.float32)
+    tail_fix = (ends + 1) % g != 0  # only possible when gap/scales share no block boundary with the end
+    if tail_fix.any():
+        raise ValueError("window ends must fall on block boundaries ((end + 1) % gcd(gap, scales) == 0)")
+    for k in range(step):
+        t_end = ends - (step - 1 - k) * gap + 1  # exclusive end, multiple of g
+        for s, w in enumerate(scales):
+            out[:, k, s] = (prefix[t_end // g] - prefix[(t_end - w) // g]) / w
+    return out
+
+
+def signature_windows_naive(x: np.ndarray, ends, scales=DEFAULT_SCALES, gap: int = DEFAULT_GAP,
+                            step: int = DEFAULT_STEP) -> np.ndarray:
+    """The formula evaluated literally, window by window (for tests and as a benchmark baseline)."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[1]
+    out = np.empty((len(ends), step, len(scales), n, n), np.float32)
+    for i, t in enumerate(ends):
+        for k in range(step):
+            te = t - (step - 1 - k) * gap
+            for s, w in enumerate(scales):
+                seg = x[te - w + 1: te + 1]
+                out[i, k, s] = seg.T @ seg / w
+    return out
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """Per-feature min-max ranges learned on a calibration or training period."""
+
+    features: tuple[str, ...]
+    lo: np.ndarray
+    hi: np.ndarray
+    clip: float = DEFAULT_CLIP
+
+    @classmethod
+    def fit(cls, features, x: np.ndarray, clip: float = DEFAULT_CLIP) -> "Ranges":
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != len(features):
+            raise ValueError(f"need a [T, {len(features)}] calibration array with T > 0, got {x.shape}")
+        return cls(tuple(features), np.nanmin(x, axis=0), np.nanmax(x, axis=0), float(clip))
+
+    @property
+    def scale_den(self) -> np.ndarray:
+        d = self.hi - self.lo
+        # A constant feature keeps its offset from the constant in its own units (so a change shows).
+        return np.where(d > 1e-12 * np.maximum(1.0, np.abs(self.hi)), d, 1.0)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """(x - lo) / (hi - lo), clipped to [-clip, clip] so one wild value cannot swamp a model."""
+        z = (np.asarray(x, dtype=np.float64) - self.lo) / self.scale_den
+        return np.clip(z, -self.clip, self.clip)
+
+    @property
+    def scaling_id(self) -> str:
+        h = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        return h[:12]
+
+    def to_dict(self) -> dict:
+        return {"features": list(self.features), "min": [float(v) for v in self.lo],
+                "max": [float(v) for v in self.hi], "clip": self.clip}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "scaling ranges") -> "Ranges":
+        try:
+            feats = tuple(str(f) for f in d["features"])
+            lo = np.asarray(d["min"], dtype=np.float64)
+            hi = np.asarray(d["max"], dtype=np.float64)
+            clip = float(d.get("clip", DEFAULT_CLIP))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: expected {{features, min, max[, clip]}}: {e}") from None
+        if not (len(feats) == lo.shape[0] == hi.shape[0]) or lo.ndim != 1:
+            raise ValueError(f"{where}: features, min and max must have the same length")
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()) or (hi < lo).any():
+            raise ValueError(f"{where}: min and max must be finite with min <= max")
+        return cls(feats, lo, hi, clip)
