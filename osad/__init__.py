@@ -1,0 +1,3 @@
+"""osad: per-process anomaly detection for Linux. See README.md."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from osad.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""The ``osad`` command: one subcommand per job.
+
+Each package contributes its subcommands through a ``register(subparsers)`` function in its
+``cli`` module; those modules import nothing heavy at import time, so ``osad --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from runtime.config import ConfigError
+
+# Modules that contribute subcommands, in --help order.
+_COMMAND_MODULES = (
+    "osad.up",
+    "runtime.cli",
+    "collector.cli",
+    "featurizer.cli",
+    "detector.cli",
+    "alerter.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="osad",
+        description="Per-process anomaly detection for Linux: eBPF collector -> featurizer (MSCRED signature "
+        "matrices) -> detector (MSCRED, compressed sensing) -> alerter, over Kafka.",
+        epilog="Every --option can also be set as an environment variable OSAD_<OPTION>. "
+        "Run 'osad COMMAND --help' for a command's options.",
+    )
+    from osad import __version__
+
+    p.add_argument("--version", action="version", version=f"osad {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _COMMAND_MODULES:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and mod.startswith(e.name):
+                continue  # that package has no CLI (yet)
+            raise
+        m.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except ConfigError as e:
+        print(f"osad: configuration error: {e}", file=sys.stderr)
+        return 2
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"osad {args.command}: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
