@@ -36,11 +36,14 @@ system_setup() {
       say "WARNING: could not install ${missing[*]}; eBPF collection falls back to /proc sampling"
     fi
   fi
-  if [ ! -e "/lib/modules/$krel/build/include" ]; then
+  if [ ! -e "/lib/modules/$krel/build/include" ] || [ ! -e "/lib/modules/$krel/source/include/linux/kconfig.h" -a ! -e "/lib/modules/$krel/build/include/linux/kconfig.h" ]; then
+    # Debian splits headers into an arch folder (build) and a common folder (source); bcc needs both.
     local hdr; hdr=$(ls -d /usr/src/linux-headers-*-cloud-amd64 /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1 || true)
     if [ -n "$hdr" ]; then
-      say "linking kernel headers $hdr -> /lib/modules/$krel/build (no headers exist for $krel)"
+      local common=${hdr%-*-amd64}; common=${common%-cloud}-common
+      say "linking kernel headers $hdr (+ $common) into /lib/modules/$krel (no headers exist for $krel)"
       as_root mkdir -p "/lib/modules/$krel" && as_root ln -sfn "$hdr" "/lib/modules/$krel/build" || true
+      [ -d "$common" ] && { as_root ln -sfn "$common" "/lib/modules/$krel/source" || true; }
     fi
   fi
   if [ -d /sys/kernel/tracing ] && [ -z "$(ls -A /sys/kernel/tracing 2>/dev/null)" ]; then
