@@ -135,3 +135,29 @@ class Ranges:
         if not (np.isfinite(lo).all() and np.isfinite(hi).all()) or (hi < lo).any():
             raise ValueError(f"{where}: min and max must be finite with min <= max")
         return cls(feats, lo, hi, clip)
+
+
+def write_ranges_file(path, entities: dict[str, Ranges], default: Ranges | None = None) -> None:
+    """Write per-entity ranges as JSON: ``{"entities": {id: ranges}, "default": ranges|null}``."""
+    from pathlib import Path
+
+    doc = {"entities": {eid: r.to_dict() for eid, r in entities.items()},
+           "default": default.to_dict() if default is not None else None}
+    Path(path).write_text(json.dumps(doc, indent=1))
+
+
+def read_ranges_file(path) -> tuple[dict[str, Ranges], Ranges | None]:
+    """Read a file written by :func:`write_ranges_file`; ValueError saying what is wrong otherwise."""
+    from pathlib import Path
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"ranges file {path} does not exist; write one with `osad replay --write-ranges`") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"ranges file {path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("entities", {}), dict):
+        raise ValueError(f"ranges file {path}: expected {{\"entities\": {{id: ranges}}, \"default\": ranges}}")
+    ents = {eid: Ranges.from_dict(d, f"{path}: entity {eid}") for eid, d in doc.get("entities", {}).items()}
+    dflt = Ranges.from_dict(doc["default"], f"{path}: default") if doc.get("default") is not None else None
+    return ents, dflt

@@ -1,0 +1,70 @@
+"""The featurizer service: Samples in, SignatureWindows out (a thin shell over featurizer.windows)."""
+
+from __future__ import annotations
+
+import time
+
+from runtime.service import InputMeta, Output, Transform
+from schemas import SAMPLES, SIGNATURES, Sample, SignatureWindow
+
+from .ranges import RangesStore
+from .windows import WindowConfig, WindowStore
+
+
+class Featurizer(Transform):
+    name = "featurizer"
+    input = SAMPLES
+
+    def __init__(self, cfg: WindowConfig, ranges: RangesStore | None = None, features: list[str] | None = None,
+                 clock=time.monotonic):
+        self.cfg = cfg
+        self.ranges = ranges or RangesStore()
+        self.store = WindowStore(cfg, ranges_lookup=self.ranges.lookup, ranges_sink=self.ranges.save, features=features)
+        self.clock = clock
+        self._last_evict = 0.0
+        self._events = None
+        self._seen: dict[str, int] = {}
+
+    def bind_metrics(self, metrics) -> None:
+        self._events = metrics.counter("osad_featurizer_events", "Input policy events (duplicate, late, filled, "
+                                       "reset, missing_value, calibrated, evicted_idle, ...)", ("event",))
+        self._entities = metrics.gauge("osad_featurizer_entities", "Entities with live window state")
+
+    def process(self, msg: Sample, meta: InputMeta):
+        wins = self.store.add(msg.entity_id, msg.seq, msg.ts, msg.interval_s, msg.metrics,
+                              offset=meta.offset, partition=meta.partition, now=self.clock())
+        for st, w in wins:
+            yield Output(SIGNATURES, SignatureWindow(
+                entity_id=msg.entity_id, host=msg.host, pid=msg.pid, comm=msg.comm, cgroup=msg.cgroup,
+                container_id=msg.container_id,
+                window_end_ts=msg.ts - (msg.seq - w.end_seq) * msg.interval_s,
+                window_end_seq=w.end_seq, interval_s=msg.interval_s, gap=self.cfg.gap,
+                scales=list(self.cfg.scales), features=list(st.features),
+                scaling_id=st.window.ranges.scaling_id if st.window else "",
+                signatures=w.signatures, values=w.values,
+            ))
+
+    def tick(self, now: float):
+        mono = self.clock()
+        if mono - self._last_evict >= 1.0:
+            self._last_evict = mono
+            self.store.evict_idle(mono)
+            self._export()
+        return ()
+
+    def _export(self) -> None:
+        if self._events is None:
+            return
+        for k, v in self.store.counters.items():
+            d = v - self._seen.get(k, 0)
+            if d:
+                self._events.labels(k).inc(d)
+                self._seen[k] = v
+        self._entities.set(len(self.store.entities))
+
+    def retained(self) -> dict[int, int]:
+        return self.store.retained()
+
+    def revoke(self, partitions: set[int]):
+        self.store.drop_partitions(partitions)
+        return ()

@@ -1,0 +1,298 @@
+"""The consume -> transform -> produce loop every service runs.
+
+A service is a :class:`Transform`: a pure object that turns one input message into zero or
+more output messages. :class:`ServiceRunner` wires it between an input topic and output topics:
+
+* **At-least-once**: input offsets are committed only after every output produced so far is
+  acknowledged by the broker. A stateful transform reports, per partition, the oldest input
+  offset its state still depends on (:meth:`Transform.retained`); the runner never commits past
+  it, so after a crash or restart the state is rebuilt by re-reading those messages (outputs may
+  then repeat; they carry ids that make them idempotent downstream).
+* **Dead letters**: a message that fails to decode or validate, or whose processing raises, is
+  published to the dead-letter topic with its original key and bytes and headers saying why;
+  the service goes on.
+* **Graceful stop**: SIGTERM/SIGINT finish the batch in hand, flush, commit and close.
+* **Observability**: Prometheus metrics (messages in/out, errors, processing latency, consumer
+  lag) and a health endpoint, on ``--metrics-port``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from pydantic import BaseModel
+
+from schemas import DEADLETTER, Topic, WireError, decode
+
+from .http import StatusServer
+from .kafka import Publisher, make_consumer
+from .metrics import ServiceMetrics
+
+log = logging.getLogger("osad.runtime")
+
+
+@dataclass(frozen=True)
+class Output:
+    topic: Topic
+    msg: BaseModel
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class InputMeta:
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = None
+
+
+class Transform(ABC):
+    """A service's logic. Pure apart from its own in-memory state; knows nothing of Kafka."""
+
+    #: name used for the consumer group, metrics and dead-letter headers
+    name: str = "service"
+    #: the topic it consumes
+    input: Topic
+
+    @abstractmethod
+    def process(self, msg: BaseModel, meta: InputMeta) -> Iterable[Output]:
+        """Handle one decoded input message."""
+
+    def tick(self, now: float) -> Iterable[Output]:
+        """Called after each poll (also when idle): flush batches, evict idle state."""
+        return ()
+
+    def retained(self) -> dict[int, int]:
+        """Per input partition, the oldest offset the in-memory state still needs (re-read it after a
+        restart). Stateless transforms keep nothing."""
+        return {}
+
+    def revoke(self, partitions: set[int]) -> Iterable[Output]:
+        """The partitions moved to another replica: drop their state (it will rebuild from the
+        committed offsets there). May return final outputs."""
+        return ()
+
+    def close(self) -> Iterable[Output]:
+        """The service is stopping: return anything that must still be published."""
+        return ()
+
+    def bind_metrics(self, metrics: ServiceMetrics) -> None:
+        """Register the transform's own metrics (optional)."""
+
+
+@dataclass
+class RunnerConfig:
+    bootstrap: str
+    group: str
+    client_id: str = ""
+    metrics_port: int = 0
+    poll_timeout_ms: int = 200
+    max_poll_records: int = 500
+    commit_interval_s: float = 1.0
+    max_poll_interval_ms: int = 60_000
+    session_timeout_ms: int = 10_000
+    health_stale_s: float = 60.0
+    extra: dict = field(default_factory=dict)
+
+
+class ServiceRunner:
+    def __init__(self, transform: Transform, cfg: RunnerConfig, install_signals: bool = True):
+        self.t = transform
+        self.cfg = cfg
+        self.metrics = ServiceMetrics(transform.name)
+        transform.bind_metrics(self.metrics)
+        self._stop = threading.Event()
+        self._install_signals = install_signals
+        self._processed: dict = {}  # TopicPartition -> next offset after the last processed message
+        self._committed: dict = {}  # TopicPartition -> committed offset
+        self._last_poll = time.monotonic()
+        self._assigned: set = set()
+        self.consumer = None
+        self.publisher: Publisher | None = None
+        self.status: StatusServer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def stop(self, *_a) -> None:
+        if not self._stop.is_set():
+            log.info("%s: stop requested; finishing the batch in hand, then commit and close", self.t.name)
+        self._stop.set()
+
+    def run(self) -> int:
+        if self._install_signals:
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
+        cid = self.cfg.client_id or f"osad-{self.t.name}"
+        self.publisher = Publisher(self.cfg.bootstrap, cid)
+        self.consumer = make_consumer(
+            self.cfg.bootstrap, cid, self.cfg.group, max_poll_records=self.cfg.max_poll_records,
+            max_poll_interval_ms=self.cfg.max_poll_interval_ms, session_timeout_ms=self.cfg.session_timeout_ms,
+        )
+        if self.cfg.metrics_port:
+            self.status = StatusServer(self.cfg.metrics_port, self.metrics, self.health).start()
+        self.consumer.subscribe([self.t.input.full_name()], listener=_Rebalance(self))
+        log.info("%s: consuming %s as group %s from %s", self.t.name, self.t.input.full_name(), self.cfg.group,
+                 self.cfg.bootstrap)
+        try:
+            last_commit = time.monotonic()
+            while not self._stop.is_set():
+                records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms,
+                                             max_records=self.cfg.max_poll_records)
+                self._last_poll = time.monotonic()
+                for tp, msgs in records.items():
+                    for m in msgs:
+                        self._handle(tp, m)
+                self._emit(self.t.tick(time.time()))
+                self._update_lag()
+                if time.monotonic() - last_commit >= self.cfg.commit_interval_s:
+                    self._commit()
+                    last_commit = time.monotonic()
+            self._emit(self.t.close())
+            self._commit()
+        finally:
+            self._shutdown()
+        log.info("%s: stopped cleanly", self.t.name)
+        return 0
+
+    def _shutdown(self) -> None:
+        try:
+            if self.consumer is not None:
+                self.consumer.close(autocommit=False)
+        finally:
+            if self.publisher is not None:
+                self.publisher.close()
+            if self.status is not None:
+                self.status.stop()
+
+    # -- per message -------------------------------------------------------------------------
+    def _handle(self, tp, m) -> None:
+        t0 = time.perf_counter()
+        self.metrics.messages_in.inc()
+        meta = InputMeta(tp.topic, tp.partition, m.offset, m.timestamp)
+        try:
+            msg = decode(m.value, self.t.input.model)
+        except WireError as e:
+            self.metrics.errors.labels(kind="decode").inc()
+            self._dead_letter(tp, m, str(e))
+        else:
+            try:
+                outs = list(self.t.process(msg, meta))
+            except Exception as e:  # a bug or an input the transform cannot handle: keep going
+                log.exception("%s: processing %s[%d]@%d failed", self.t.name, tp.topic, tp.partition, m.offset)
+                self.metrics.errors.labels(kind="process").inc()
+                self._dead_letter(tp, m, f"processing failed: {type(e).__name__}: {e}")
+            else:
+                self._emit(outs)
+        self._processed[tp] = m.offset + 1
+        self.metrics.latency.observe(time.perf_counter() - t0)
+
+    def _emit(self, outs: Iterable[Output]) -> None:
+        for o in outs:
+            self.publisher.publish(o.topic, o.msg, key=o.key)
+            self.metrics.messages_out.labels(topic=o.topic.name).inc()
+
+    def _dead_letter(self, tp, m, reason: str) -> None:
+        log.warning("%s: dead-lettering %s[%d]@%d: %s", self.t.name, tp.topic, tp.partition, m.offset, reason)
+        headers = [
+            ("osad.reason", reason.encode()[:4096]),
+            ("osad.source_topic", tp.topic.encode()),
+            ("osad.source_partition", str(tp.partition).encode()),
+            ("osad.source_offset", str(m.offset).encode()),
+            ("osad.service", self.t.name.encode()),
+        ]
+        self.publisher.publish_raw(DEADLETTER.full_name(), m.key, m.value, headers=headers)
+        self.metrics.dead_letters.inc()
+
+    # -- offsets -----------------------------------------------------------------------------
+    def _commit(self, only: set | None = None) -> None:
+        from kafka.structs import OffsetAndMetadata
+
+        if not self._processed:
+            return
+        self.publisher.flush()  # raises if the broker did not take an output: then nothing is committed
+        retained = self.t.retained()
+        offsets = {}
+        for tp, nxt in self._processed.items():
+            if only is not None and tp not in only:
+                continue
+            r = retained.get(tp.partition)
+            off = min(nxt, r) if r is not None else nxt
+            if off > self._committed.get(tp, -1):
+                offsets[tp] = OffsetAndMetadata(off, "", -1)
+        if offsets:
+            self.consumer.commit(offsets)
+            for tp, om in offsets.items():
+                self._committed[tp] = om.offset
+            self.metrics.commits.inc()
+
+    def _update_lag(self) -> None:
+        for tp in self._assigned:
+            hw = self.consumer.highwater(tp)
+            if hw is None:
+                continue
+            pos = self._processed.get(tp)
+            if pos is None:
+                continue
+            self.metrics.lag.labels(partition=str(tp.partition)).set(max(0, hw - pos))
+
+    # -- rebalance ---------------------------------------------------------------------------
+    def _on_revoked(self, revoked) -> None:
+        revoked = set(revoked)
+        if not revoked:
+            return
+        try:
+            self._emit(self.t.revoke({tp.partition for tp in revoked}))
+            self._commit(only=revoked)
+        except Exception:
+            log.exception("%s: commit on revocation failed; the next owner re-reads from the last commit", self.t.name)
+        for tp in revoked:
+            self._processed.pop(tp, None)
+            self._committed.pop(tp, None)
+            self.metrics.lag.remove_if_present(str(tp.partition))
+        self._assigned -= revoked
+        log.info("%s: partitions revoked: %s", self.t.name, sorted(tp.partition for tp in revoked))
+
+    def _on_assigned(self, assigned) -> None:
+        self._assigned = set(assigned)
+        self.metrics.assigned.set(len(self._assigned))
+        log.info("%s: partitions assigned: %s", self.t.name, sorted(tp.partition for tp in assigned))
+
+    # -- health ------------------------------------------------------------------------------
+    def health(self) -> tuple[bool, dict]:
+        age = time.monotonic() - self._last_poll
+        ok = (not self._stop.is_set()) and age < self.cfg.health_stale_s
+        return ok, {
+            "service": self.t.name,
+            "status": "ok" if ok else ("stopping" if self._stop.is_set() else "stalled"),
+            "last_poll_age_s": round(age, 3),
+            "assigned_partitions": sorted(tp.partition for tp in self._assigned),
+            "input_topic": self.t.input.full_name(),
+        }
+
+
+def _Rebalance(runner: ServiceRunner):
+    from kafka import ConsumerRebalanceListener
+
+    class Listener(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked):
+            runner._on_revoked(revoked)
+
+        def on_partitions_assigned(self, assigned):
+            runner._on_assigned(assigned)
+
+    return Listener()
+
+
+def run_transform(transform: Transform, args, group: str | None = None) -> int:
+    """Run ``transform`` with the common options (``runtime.config.add_kafka_options``)."""
+    cfg = RunnerConfig(
+        bootstrap=args.bootstrap,
+        group=group or getattr(args, "group", None) or f"osad-{transform.name}",
+        metrics_port=getattr(args, "metrics_port", 0) or 0,
+    )
+    return ServiceRunner(transform, cfg).run()
