@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name and mod.startswith(e.name):
                 continue  # that package has no CLI (yet)
             raise
-        m.register(sub)
+        try:
+            m.register(sub)
+        except ImportError as e:
+            # One package's missing dependency must not take the other commands down with it.
+            print(f"osad: warning: the commands of {mod.split('.')[0]} are unavailable: {e}", file=sys.stderr)
     return p
 
 

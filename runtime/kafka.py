@@ -6,7 +6,6 @@ Everything that talks to Kafka goes through here, so client settings live in one
 from __future__ import annotations
 
 import logging
-import time
 
 from pydantic import BaseModel
 
@@ -26,29 +25,24 @@ def _bootstrap_list(bootstrap: str) -> list[str]:
     return [b.strip() for b in bootstrap.split(",") if b.strip()]
 
 
-def _retry_connect(make, bootstrap: str, timeout_s: float):
-    from kafka.errors import NoBrokersAvailable
+def _connect(make, bootstrap: str, timeout_s: float):
+    """Create a client; kafka-python waits up to ``bootstrap_timeout_ms`` for a broker to answer."""
+    from kafka.errors import KafkaTimeoutError
 
-    deadline = time.monotonic() + timeout_s
-    delay = 0.2
-    while True:
-        try:
-            return make()
-        except NoBrokersAvailable:
-            if time.monotonic() >= deadline:
-                raise BrokerUnavailable(
-                    f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f} s; start one "
-                    "(`osad broker`, or `docker compose up kafka`) or set --bootstrap / OSAD_BOOTSTRAP"
-                ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    try:
+        return make(int(timeout_s * 1000))
+    except KafkaTimeoutError:
+        raise BrokerUnavailable(
+            f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f} s; start one "
+            "(`osad broker`, or `docker compose up kafka`) or set --bootstrap / OSAD_BOOTSTRAP"
+        ) from None
 
 
 def make_producer(bootstrap: str, client_id: str, *, linger_ms: int = 5, connect_timeout_s: float = 30.0):
     from kafka import KafkaProducer
 
-    return _retry_connect(
-        lambda: KafkaProducer(
+    return _connect(
+        lambda t: KafkaProducer(
             bootstrap_servers=_bootstrap_list(bootstrap),
             client_id=client_id,
             acks="all",
@@ -57,6 +51,7 @@ def make_producer(bootstrap: str, client_id: str, *, linger_ms: int = 5, connect
             max_in_flight_requests_per_connection=1,  # keep per-key order across retries
             max_request_size=MAX_MESSAGE_BYTES,
             batch_size=256 * 1024,
+            bootstrap_timeout_ms=t,
         ),
         bootstrap, connect_timeout_s,
     )
@@ -67,8 +62,8 @@ def make_consumer(bootstrap: str, client_id: str, group_id: str | None, *, max_p
                   connect_timeout_s: float = 30.0, auto_offset_reset: str = "earliest"):
     from kafka import KafkaConsumer
 
-    return _retry_connect(
-        lambda: KafkaConsumer(
+    return _connect(
+        lambda t: KafkaConsumer(
             bootstrap_servers=_bootstrap_list(bootstrap),
             client_id=client_id,
             group_id=group_id,
@@ -80,6 +75,7 @@ def make_consumer(bootstrap: str, client_id: str, group_id: str | None, *, max_p
             heartbeat_interval_ms=min(3000, session_timeout_ms // 3),
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+            bootstrap_timeout_ms=t,
         ),
         bootstrap, connect_timeout_s,
     )
@@ -92,8 +88,8 @@ def ensure_topics(bootstrap: str, topics: tuple[Topic, ...] = ALL_TOPICS, partit
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = _retry_connect(lambda: KafkaAdminClient(bootstrap_servers=_bootstrap_list(bootstrap),
-                                                    client_id="osad-admin"), bootstrap, connect_timeout_s)
+    admin = _connect(lambda t: KafkaAdminClient(bootstrap_servers=_bootstrap_list(bootstrap), client_id="osad-admin",
+                                                bootstrap_timeout_ms=t), bootstrap, connect_timeout_s)
     try:
         existing = set(admin.list_topics())
         new = []

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from schemas import DEADLETTER, Topic, WireError, decode
 
 from .http import StatusServer
-from .kafka import Publisher, make_consumer
+from .kafka import Publisher, ensure_topics, make_consumer
 from .metrics import ServiceMetrics
 
 log = logging.getLogger("osad.runtime")
@@ -98,6 +98,7 @@ class RunnerConfig:
     max_poll_interval_ms: int = 60_000
     session_timeout_ms: int = 10_000
     health_stale_s: float = 60.0
+    create_topics: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -128,6 +129,8 @@ class ServiceRunner:
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
         cid = self.cfg.client_id or f"osad-{self.t.name}"
+        if self.cfg.create_topics:
+            ensure_topics(self.cfg.bootstrap)  # idempotent; a production cluster may have them already
         self.publisher = Publisher(self.cfg.bootstrap, cid)
         self.consumer = make_consumer(
             self.cfg.bootstrap, cid, self.cfg.group, max_poll_records=self.cfg.max_poll_records,

@@ -1,0 +1,150 @@
+"""The featurizer's pure core: incremental signature matrices and the input policy."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core.signature import Ranges, signature_windows, signature_windows_naive, window_ends
+from featurizer.windows import WindowConfig, WindowStore
+
+
+def feed(store, X, names, eid="e", seqs=None, **kw):
+    out = []
+    for i, row in enumerate(X):
+        seq = i if seqs is None else seqs[i]
+        out += store.add(eid, seq, float(seq), 1.0, dict(zip(names, row.tolist())), offset=i, partition=0, **kw)
+    return [w for _, w in out]
+
+
+def fixed(r):
+    return lambda eid: r
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), gap=st.integers(1, 4), step=st.integers(1, 4),
+       mult=st.lists(st.integers(1, 4), min_size=1, max_size=3, unique=True), seed=st.integers(0, 10**6))
+def test_incremental_equals_formula(n, gap, step, mult, seed):
+    scales = tuple(sorted(m * gap for m in mult))
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(max(scales) + (step - 1) * gap + 7 * gap, n)) * 3
+    names = [f"m{i}" for i in range(n)]
+    r = Ranges.fit(names, X)
+    cfg = WindowConfig(scales=scales, gap=gap, step=step)
+    wins = feed(WindowStore(cfg, fixed(r)), X, names)
+    ends = window_ends(len(X), scales, gap, step)
+    assert [w.end_seq for w in wins] == list(ends)
+    ref = signature_windows_naive(r.transform(X), ends, scales, gap, step)
+    np.testing.assert_allclose(np.stack([w.signatures for w in wins]), ref, atol=1e-6, rtol=1e-5)
+    vals = np.stack([w.values for w in wins])
+    np.testing.assert_allclose(vals[-1], r.transform(X)[len(X) - 1 - (len(X) - 1 - ends[-1]) - max(scales) + 1: ends[-1] + 1], atol=1e-6)
+
+
+def test_vectorised_reference_matches_naive():
+    X = np.random.default_rng(0).random((400, 7))
+    e = window_ends(400)
+    np.testing.assert_allclose(signature_windows(X, e), signature_windows_naive(X, e), atol=1e-6)
+
+
+def test_duplicates_and_late_samples_are_dropped_and_counted():
+    names = ["a", "b"]
+    X = np.random.default_rng(1).random((130, 2))
+    r = Ranges.fit(names, X)
+    s = WindowStore(WindowConfig(), fixed(r))
+    seqs = list(range(120)) + [119, 50, 120, 121]  # one duplicate, one late
+    Xs = np.vstack([X[:120], X[119], X[50], X[120:122]])
+    wins = feed(s, Xs, names, seqs=seqs)
+    assert s.counters["duplicate"] == 1 and s.counters["late"] == 1
+    clean = feed(WindowStore(WindowConfig(), fixed(r)), X[:122], names)
+    assert [w.end_seq for w in wins] == [w.end_seq for w in clean]
+
+
+def test_short_gap_is_filled_long_gap_restarts_window():
+    names = ["a"]
+    X = np.arange(400, dtype=float)[:, None]
+    r = Ranges.fit(names, X)
+    cfg = WindowConfig(max_fill=3)
+    s = WindowStore(cfg, fixed(r))
+    seqs = [i for i in range(300) if i not in (150, 151)]  # a 2-sample hole: filled
+    wins = feed(s, X[seqs], names, seqs=seqs)
+    assert s.counters["filled"] == 2
+    assert [w.end_seq for w in wins] == list(window_ends(300))
+    # the filled samples carry the last value forward
+    w = next(w for w in wins if w.end_seq == 159)
+    scaled = r.transform(np.array([[149.0], [149.0]]))
+    np.testing.assert_allclose(w.values[-10:-8, 0], scaled[:, 0], atol=1e-6)
+
+    s2 = WindowStore(cfg, fixed(r))
+    seqs2 = list(range(150)) + list(range(160, 400))  # a 10-sample hole: restart
+    wins2 = feed(s2, X[seqs2], names, seqs=seqs2)
+    assert s2.counters["reset"] == 1
+    ends2 = [w.end_seq for w in wins2]
+    assert max(e for e in ends2 if e < 160) == 149
+    assert min(e for e in ends2 if e >= 160) == 160 + cfg.span - 1  # needs a full span after the gap
+
+
+def test_missing_metric_carries_last_value_forward():
+    r = Ranges(("a", "b"), np.zeros(2), np.ones(2) * 10)
+    s = WindowStore(WindowConfig(scales=(2,), gap=1, step=1), fixed(r))
+    s.add("e", 0, 0.0, 1.0, {"a": 1.0, "b": 2.0})
+    out = s.add("e", 1, 1.0, 1.0, {"a": 3.0})  # b missing -> 2.0 carried
+    assert s.counters["missing_value"] == 1
+    np.testing.assert_allclose(out[0][1].values, [[0.1, 0.2], [0.3, 0.2]], atol=1e-7)
+
+
+def test_calibration_learns_ranges_and_emits_its_windows():
+    names = ["a", "b"]
+    X = np.random.default_rng(2).random((500, 2)) * [5, 100]
+    saved = {}
+    cfg = WindowConfig(calibration_samples=200)
+    s = WindowStore(cfg, ranges_sink=lambda e, r: saved.__setitem__(e, r))
+    wins = feed(s, X, names)
+    assert "e" in saved and s.counters["calibrated"] == 1
+    r = saved["e"]
+    np.testing.assert_allclose(r.lo, X[:200].min(0))
+    np.testing.assert_allclose(r.hi, X[:200].max(0))
+    ends = window_ends(500)
+    assert [w.end_seq for w in wins] == list(ends)  # calibration-period windows are emitted too
+    ref = signature_windows_naive(r.transform(X), ends)
+    np.testing.assert_allclose(np.stack([w.signatures for w in wins]), ref, atol=1e-6)
+
+
+def test_feature_set_is_fixed_at_first_sample_extra_metrics_ignored():
+    s = WindowStore(WindowConfig(calibration_samples=2))
+    s.add("e", 0, 0.0, 1.0, {"b": 1.0, "a": 2.0})
+    s.add("e", 1, 1.0, 1.0, {"b": 1.0, "a": 2.0, "zzz": 5.0})
+    assert s.entities["e"].features == ("a", "b")
+    assert s.counters["extra_metrics_entities"] == 1
+
+
+def test_idle_and_capacity_eviction_bound_memory():
+    cfg = WindowConfig(idle_timeout_s=10, max_entities=50, calibration_samples=2)
+    s = WindowStore(cfg)
+    for i in range(200):  # process churn: many short-lived entities
+        s.add(f"p{i}", 0, 0.0, 1.0, {"x": 1.0}, now=float(i))
+    assert len(s.entities) == 50 and s.counters["evicted_capacity"] == 150
+    s.evict_idle(now=205.0)  # idle for 10 s or more: last seen at t <= 195
+    assert sorted(st.last_seen for st in s.entities.values()) == [196.0, 197.0, 198.0, 199.0]
+    assert s.counters["evicted_idle"] == 46
+
+
+def test_retained_offset_is_oldest_sample_future_windows_need():
+    names = ["a"]
+    X = np.random.default_rng(3).random((250, 1))
+    r = Ranges.fit(names, X)
+    cfg = WindowConfig()
+    s = WindowStore(cfg, fixed(r))
+    feed(s, X[:245], names)  # offsets == seq; last window ended at 239; next ends at 249
+    assert s.retained() == {0: 249 - cfg.span + 1}
+    s2 = WindowStore(WindowConfig(calibration_samples=100))
+    feed(s2, X[:30], names)  # still calibrating: everything from the first sample
+    assert s2.retained() == {0: 0}
+    s.drop_partitions({0})
+    assert s.retained() == {} and not s.entities
+
+
+@pytest.mark.parametrize("bad", [{"features": ["a"], "min": [0, 1], "max": [1, 2]},
+                                 {"features": ["a"], "min": [2], "max": [1]}, {"min": [0]}])
+def test_bad_ranges_are_rejected_with_a_reason(bad):
+    with pytest.raises(ValueError, match="ranges"):
+        Ranges.from_dict(bad, "ranges")
