@@ -1,0 +1,91 @@
+/* osad collector, family "syscalls": syscalls, failed syscalls, time in syscalls, bytes read/written.
+ *
+ * Sources: raw tracepoints sys_enter (args: regs, id) and sys_exit (args: regs, ret). The entry
+ * time and syscall number wait per thread in `inflight`; at exit the thread's counters grow.
+ * A syscall counts when it returns (exit/exit_group never do). Failed = returned -4095..-1.
+ * Bytes read/written = positive return values of the read and write families (OSAD_IS_READ /
+ * OSAD_IS_WRITE, numbers for this architecture, defined by syscalls.py), on any file descriptor.
+ */
+struct sc_stats {
+    u32 tgid;
+    u32 _pad;
+    u64 syscalls;
+    u64 syscalls_failed;
+    u64 syscall_time_ns;
+    u64 read_bytes;
+    u64 write_bytes;
+};
+#define OSAD_VALUE_T struct sc_stats
+#include "common.h"
+
+struct inflight_t {
+    u64 ts;  /* 0: no syscall in flight */
+    s64 nr;
+};
+BPF_HASH(inflight, u32, struct inflight_t, OSAD_MAX_THREADS);
+
+RAW_TRACEPOINT_PROBE(sys_enter)
+{
+    osad_event();
+    u64 id = bpf_get_current_pid_tgid();
+    if (!osad_wanted((u32)(id >> 32)))
+        return 0;
+    u32 tid = (u32)id;
+    struct inflight_t f = {};
+    f.ts = bpf_ktime_get_ns();
+    f.nr = (s64)ctx->args[1];
+    inflight.update(&tid, &f);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sys_exit)
+{
+    osad_event();
+    u64 id = bpf_get_current_pid_tgid();
+    if (!osad_wanted((u32)(id >> 32)))
+        return 0;
+    s64 ret = (s64)ctx->args[1];
+    struct sc_stats *st = osad_stats(id);
+    if (!st)
+        return 0;
+    __sync_fetch_and_add(&st->syscalls, 1);
+    if (ret < 0 && ret >= -4095)
+        __sync_fetch_and_add(&st->syscalls_failed, 1);
+    u32 tid = (u32)id;
+    struct inflight_t *f = inflight.lookup(&tid);
+    if (f && f->ts) {
+        u64 now = bpf_ktime_get_ns();
+        if (now > f->ts)
+            __sync_fetch_and_add(&st->syscall_time_ns, now - f->ts);
+#if OSAD_IO_BYTES
+        if (ret > 0) {
+            s64 nr = f->nr;
+            if (OSAD_IS_READ(nr))
+                __sync_fetch_and_add(&st->read_bytes, (u64)ret);
+            else if (OSAD_IS_WRITE(nr))
+                __sync_fetch_and_add(&st->write_bytes, (u64)ret);
+        }
+#endif
+        f->ts = 0;
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    osad_event();
+    osad_newtask((u32)args->pid, args->clone_flags);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sched_process_exit)
+{
+    osad_event();
+    u64 id = bpf_get_current_pid_tgid();
+    int group_dead = OSAD_GROUP_DEAD(ctx, id);
+    u32 tid = (u32)id;
+    inflight.delete(&tid);
+    osad_exit_move(id, group_dead, bpf_ktime_get_boot_ns());
+    osad_exit_targets(id, group_dead);
+    return 0;
+}
