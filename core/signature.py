@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -112,7 +113,7 @@ class Ranges:
         z = (np.asarray(x, dtype=np.float64) - self.lo) / self.scale_den
         return np.clip(z, -self.clip, self.clip)
 
-    @property
+    @cached_property
     def scaling_id(self) -> str:
         h = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
         return h[:12]

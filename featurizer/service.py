@@ -31,18 +31,33 @@ class Featurizer(Transform):
         self._entities = metrics.gauge("osad_featurizer_entities", "Entities with live window state")
 
     def process(self, msg: Sample, meta: InputMeta):
-        wins = self.store.add(msg.entity_id, msg.seq, msg.ts, msg.interval_s, msg.metrics,
-                              offset=meta.offset, partition=meta.partition, now=self.clock())
-        for st, w in wins:
-            yield Output(SIGNATURES, SignatureWindow(
-                entity_id=msg.entity_id, host=msg.host, pid=msg.pid, comm=msg.comm, cgroup=msg.cgroup,
-                container_id=msg.container_id,
-                window_end_ts=msg.ts - (msg.seq - w.end_seq) * msg.interval_s,
-                window_end_seq=w.end_seq, interval_s=msg.interval_s, gap=self.cfg.gap,
-                scales=list(self.cfg.scales), features=list(st.features),
-                scaling_id=st.window.ranges.scaling_id if st.window else "",
-                signatures=w.signatures, values=w.values,
-            ))
+        return self.process_batch([(msg, meta)])
+
+    def process_batch(self, batch: list[tuple[Sample, InputMeta]]):
+        """Group a poll's samples by entity (keeping each entity's order) and window them in runs."""
+        by_entity: dict[str, list] = {}
+        for msg, meta in batch:
+            by_entity.setdefault(msg.entity_id, []).append((msg, meta))
+        now = self.clock()
+        out = []
+        for eid, rows in by_entity.items():
+            items = [(m.seq, m.metrics, meta.offset) for m, meta in rows]
+            wins = self.store.add_many(eid, items, partition=rows[-1][1].partition, now=now)
+            if not wins:
+                continue
+            msg = rows[-1][0]  # the latest sample names the process and dates the windows
+            st = wins[0][0]
+            scaling_id = st.window.ranges.scaling_id
+            for _, w in wins:
+                out.append(Output(SIGNATURES, SignatureWindow(
+                    entity_id=eid, host=msg.host, pid=msg.pid, comm=msg.comm, cgroup=msg.cgroup,
+                    container_id=msg.container_id,
+                    window_end_ts=msg.ts - (msg.seq - w.end_seq) * msg.interval_s,
+                    window_end_seq=w.end_seq, interval_s=msg.interval_s, gap=self.cfg.gap,
+                    scales=list(self.cfg.scales), features=list(st.features), scaling_id=scaling_id,
+                    tri=w.tri, values=w.values,
+                )))
+        return out
 
     def tick(self, now: float):
         mono = self.clock()

@@ -33,7 +33,6 @@ import math
 import operator
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 
@@ -71,84 +70,150 @@ class Window:
     """What a due window holds (the service wraps it into a SignatureWindow)."""
 
     end_seq: int
-    signatures: np.ndarray  # float32 [step, S, N, N]
+    tri: np.ndarray  # float32 [step, S, N(N+1)/2]: upper triangles of the signature matrices
     values: np.ndarray  # float32 [max(scales), N]
 
+    @property
+    def signatures(self) -> np.ndarray:
+        from schemas.wire import unpack_symmetric
 
-@lru_cache(maxsize=32)
-def _plan(cfg: WindowConfig) -> list[tuple[int, slice, slice, float]]:
-    """Per scale: (channel, slice of window ends, slice of window starts, 1/w), as slices of the
-    chronological prefix sums over the ring of blocks (step k ends at block nb - (step-1-k)*gap/B)."""
-    nb = cfg.span // cfg.block
-    g = cfg.gap // cfg.block
-    e0 = nb - (cfg.step - 1) * g
-    plan = []
-    for s, w in enumerate(cfg.scales):
-        wb = w // cfg.block
-        plan.append((s, slice(e0, nb + 1, g), slice(e0 - wb, nb + 1 - wb, g), 1.0 / w))
-    return plan
+        return unpack_symmetric(self.tri, self.values.shape[1])
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class EntityWindow:
-    """One entity's ring of scaled samples and block sums."""
+    """One entity's incremental state.
 
-    __slots__ = ("cfg", "ranges", "n", "ring", "ring_off", "blocks", "last_seq", "contig", "last_raw",
-                 "_lo", "_den", "_clip", "_prefix")
+    * a ring of the last ``span`` scaled rows (and the input offset of each);
+    * a ring of block sums: X_b^T X_b over each block of B = gcd(gap, scales) samples, as float64
+      upper triangles, covering the largest scale;
+    * a ring of the last ``step`` *step tensors*: the S signature matrices at one window end.
+      Consecutive windows share step-1 of their step tensors, so each is computed once, when its
+      end sample arrives, from prefix sums over the block ring: M(t, w) = (1/w) sum of w/B blocks.
+
+    Work per sample: scaling, plus one B x N x N product per block (amortised N^2); per gap
+    samples: one step tensor (S subtractions of N(N+1)/2 values); per window: copying ``step``
+    cached tensors. Nothing is recomputed from raw rows, and sums are exact (every block is summed
+    once from its rows, in float64; there is no running-sum drift).
+
+    ``push_run`` takes a run of consecutive samples (one or many; long runs such as a backlog
+    are processed vectorised) and returns the windows that fall due in it.
+    """
+
+    __slots__ = ("cfg", "n", "ring", "ring_off", "blocks", "steps", "last_seq", "contig", "ranges",
+                 "_lo", "_den", "_clip", "_iu", "_W")
 
     def __init__(self, cfg: WindowConfig, ranges: Ranges):
         self.cfg = cfg
         self.ranges = ranges
         self.n = len(ranges.features)
         L = cfg.span
-        self.ring = np.zeros((L, self.n), np.float64)
+        nt = self.n * (self.n + 1) // 2
+        self._W = max(cfg.scales)
+        self.ring = np.zeros((L, self.n), np.float64)  # scaled rows, row seq % L
         self.ring_off = np.full(L, -1, np.int64)  # input offset each ring row came from
-        self.blocks = np.zeros((L // cfg.block, self.n, self.n), np.float64)
+        self.blocks = np.zeros((self._W // cfg.block, nt), np.float64)  # block j at slot j % len
+        self.steps = np.zeros((cfg.step, len(cfg.scales), nt), np.float32)  # point p at slot p % step
         self.last_seq: int | None = None
-        self.contig = 0  # consecutive samples in the ring, ending at last_seq
-        self.last_raw: np.ndarray | None = None
+        self.contig = 0  # consecutive samples ending at last_seq
         self._lo, self._den, self._clip = ranges.lo, ranges.scale_den, ranges.clip
-        self._prefix = np.zeros((self.blocks.shape[0] + 1, self.n, self.n))
+        self._iu = np.triu_indices(self.n)
 
     def push(self, seq: int, raw: np.ndarray, offset: int = -1) -> Window | None:
-        """Add one (already gap-checked, consecutive) raw sample; return a window if one is due."""
-        cfg, L = self.cfg, self.cfg.span
-        self.last_raw = raw
-        row = seq % L
-        z = self.ring[row]
-        np.subtract(raw, self._lo, out=z)
-        np.divide(z, self._den, out=z)
-        np.clip(z, -self._clip, self._clip, out=z)
-        self.ring_off[row] = offset
-        self.last_seq = seq
-        self.contig += 1
-        B = cfg.block
-        if (seq + 1) % B == 0 and self.contig >= B:
-            if B == 1:
-                blk = np.multiply.outer(z, z)
-            else:
-                idx = np.arange(seq - B + 1, seq + 1) % L
-                rows = self.ring[idx]
-                blk = rows.T @ rows
-            self.blocks[((seq + 1) // B - 1) % self.blocks.shape[0]] = blk
-        if (seq + 1) % cfg.gap == 0 and self.contig >= L:
-            return self._window(seq)
-        return None
+        """Add one sample (seq = last_seq + 1, or any seq after a reset)."""
+        out = self.push_run(seq, np.asarray(raw, np.float64)[None, :], np.array([offset], np.int64))
+        return out[0] if out else None
 
-    def _window(self, seq: int) -> Window:
-        cfg, L = self.cfg, self.cfg.span
-        nb = self.blocks.shape[0]
-        first = ((seq + 1) // cfg.block) % nb  # ring slot of the oldest block
-        prefix = self._prefix  # prefix[j] = sum of the j oldest blocks
-        np.cumsum(self.blocks[first:], axis=0, out=prefix[1:nb - first + 1])
-        if first:
-            np.cumsum(self.blocks[:first], axis=0, out=prefix[nb - first + 1:])
-            prefix[nb - first + 1:] += prefix[nb - first]
-        sig = np.empty((cfg.step, len(cfg.scales), self.n, self.n), np.float32)
-        for s, ends, starts, inv_w in _plan(cfg):
-            np.multiply(prefix[ends] - prefix[starts], inv_w, out=sig[:, s], casting="same_kind")
-        T = max(cfg.scales)
-        vals = np.take(self.ring, np.arange(seq - T + 1, seq + 1), axis=0, mode="wrap").astype(np.float32)
-        return Window(seq, sig, vals)
+    def push_run(self, seq0: int, raw: np.ndarray, offs: np.ndarray) -> list[Window]:
+        """Add samples seq0, seq0+1, ... (rows of ``raw``); return the windows that fall due."""
+        cfg, L, B, gap, W = self.cfg, self.cfg.span, self.cfg.block, self.cfg.gap, self._W
+        m = raw.shape[0]
+        contig0 = self.contig
+        last = seq0 + m - 1
+        first_ok = seq0 - contig0  # earliest seq of the contiguous stretch
+        # blocks that complete in this run with all their rows in the stretch
+        j_lo = max(_ceil_div(seq0 + 1, B) - 1, _ceil_div(first_ok, B))
+        j_hi = (last + 1) // B - 1
+        # step points in this run: (t + 1) % gap == 0 with the largest scale's rows in the stretch
+        t_min = max(seq0, first_ok + W - 1)
+        t_min += (-(t_min + 1)) % gap
+        if m == 1 and j_hi < j_lo and t_min > last:  # the common streaming case: just store the row
+            z = self.ring[seq0 % L]
+            np.subtract(raw[0], self._lo, out=z)
+            np.divide(z, self._den, out=z)
+            np.minimum(z, self._clip, out=z)
+            np.maximum(z, -self._clip, out=z)
+            self.ring_off[seq0 % L] = offs[0]
+            self.last_seq = seq0
+            self.contig = contig0 + 1
+            return []
+        z = np.subtract(raw, self._lo)
+        np.divide(z, self._den, out=z)
+        np.minimum(z, self._clip, out=z)
+        np.maximum(z, -self._clip, out=z)
+        wins: list[Window] = []
+        if j_hi >= j_lo or t_min <= last:
+            h = min(contig0, L)
+            base = seq0 - h  # seq of buf[0]
+            buf = np.concatenate((np.take(self.ring, np.arange(base, seq0), axis=0, mode="wrap"), z)) if h else z
+            new = None
+            if j_hi >= j_lo:
+                k = j_hi - j_lo + 1
+                rows = buf[j_lo * B - base:(j_hi + 1) * B - base].reshape(k, B, self.n)
+                new = np.matmul(rows.transpose(0, 2, 1), rows)[:, self._iu[0], self._iu[1]]
+            if t_min <= last:
+                wins = self._step_points(t_min, last, first_ok, new, j_lo, buf, base)
+            if new is not None:
+                kk = min(new.shape[0], self.blocks.shape[0])
+                self.blocks[np.arange(j_hi - kk + 1, j_hi + 1) % self.blocks.shape[0]] = new[-kk:]
+        r = min(m, L)
+        slots = np.arange(last - r + 1, last + 1) % L
+        self.ring[slots] = z[-r:]
+        self.ring_off[slots] = offs[-r:]
+        self.last_seq = last
+        self.contig = contig0 + m
+        return wins
+
+    def _step_points(self, t_min: int, last: int, first_ok: int, new: np.ndarray, j_new: int,
+                     buf: np.ndarray, base: int) -> list[Window]:
+        cfg, B, gap, W = self.cfg, self.cfg.block, self.cfg.gap, self._W
+        nbr, ns = self.blocks.shape[0], cfg.step
+        jb = (t_min + 1 - W) // B  # oldest block the first point needs
+        if j_new > jb:
+            chron = np.concatenate((self.blocks[np.arange(jb, j_new) % nbr], new))
+        else:  # the run's first blocks are older than any point needs
+            chron = new[jb - j_new:]
+        prefix = np.empty((chron.shape[0] + 1, chron.shape[1]))
+        prefix[0] = 0.0
+        np.cumsum(chron, axis=0, out=prefix[1:])
+        g = gap // B
+        e0 = (t_min + 1) // B - jb
+        npts = (last - t_min) // gap + 1
+        e1 = e0 + (npts - 1) * g + 1
+        pts = np.empty((npts, len(cfg.scales), chron.shape[1]), np.float32)
+        for s, w in enumerate(cfg.scales):
+            wb = w // B
+            np.multiply(prefix[e0:e1:g] - prefix[e0 - wb:e1 - wb:g], 1.0 / w, out=pts[:, s], casting="same_kind")
+        p0 = (t_min + 1) // gap  # point number of the first new point
+        # windows: points whose whole span is in the stretch
+        e_first = max(t_min, first_ok + cfg.span - 1)
+        e_first += (-(e_first + 1)) % gap
+        wins: list[Window] = []
+        if e_first <= last:
+            hist = self.steps[np.arange(p0 - ns + 1, p0) % ns]  # the step-1 points before this run's
+            allp = np.concatenate((hist, pts))  # point p0 - ns + 1 + i at row i
+            ends = np.arange(e_first, last + 1, gap)
+            pe = (ends + 1) // gap - (p0 - ns + 1)  # row of each window's newest point
+            vbuf = buf[int(ends[0]) - W + 1 - base:].astype(np.float32)  # shared: windows are views
+            vb0 = int(ends[0]) - W + 1
+            wins = [Window(int(e), allp[p - ns + 1:p + 1], vbuf[e - W + 1 - vb0:e + 1 - vb0])
+                    for e, p in zip(ends.tolist(), pe.tolist())]
+        kk = min(npts, ns)
+        self.steps[np.arange(p0 + npts - kk, p0 + npts) % ns] = pts[-kk:]
+        return wins
 
     def reset(self) -> None:
         self.contig = 0
@@ -172,15 +237,14 @@ class EntityWindow:
 class EntityState:
     features: tuple[str, ...]
     window: EntityWindow | None  # None while calibrating
-    calib: list = field(default_factory=list)  # (seq, raw, offset) while calibrating
-    last_seq: int | None = None
-    last_raw: np.ndarray | None = None
+    calib: list = field(default_factory=list)  # accepted (seq, raw tuple, offset) while calibrating
+    last_seq: int | None = None  # last accepted seq
+    last_raw: tuple | None = None  # its raw values
+    last_off: int = -1  # its input offset
     last_seen: float = 0.0
     partition: int = -1
-    ref: dict = field(default_factory=dict)  # host, pid, comm, cgroup, container_id of the latest sample
-    interval_s: float = 1.0
-    last_ts: float = 0.0
     warned_extra: bool = False
+    had_nan: bool = False  # some feature was missing before it was ever seen
 
     def __post_init__(self):
         self.featset = frozenset(self.features)
@@ -196,15 +260,16 @@ class Counters(dict):
 class WindowStore:
     """All entities' windows. Feed raw metric dicts in; get due windows out.
 
-    >>> import numpy as np
     >>> st = WindowStore(WindowConfig(scales=(2, 4), gap=2, step=2, calibration_samples=4))
-    >>> outs = [st.add("e", i, float(i), 1.0, {"a": float(i % 3), "b": 1.0}) for i in range(12)]
+    >>> outs = [st.add("e", i, {"a": float(i % 3), "b": 1.0}) for i in range(12)]
     >>> [w.end_seq for o in outs for _, w in o]
     [5, 7, 9, 11]
     """
 
-    def __init__(self, cfg: WindowConfig, ranges_lookup=None, ranges_sink=None, features: list[str] | None = None):
+    def __init__(self, cfg: WindowConfig, ranges_lookup=None, ranges_sink=None, features: list[str] | None = None,
+                 window_cls: type[EntityWindow] = EntityWindow):
         self.cfg = cfg
+        self.window_cls = window_cls
         self.entities: OrderedDict[str, EntityState] = OrderedDict()
         self.counters = Counters()
         self._lookup = ranges_lookup or (lambda entity_id: None)
@@ -212,39 +277,91 @@ class WindowStore:
         self._features = tuple(features) if features else None
 
     # -- input ---------------------------------------------------------------------------------
-    def add(self, entity_id: str, seq: int, ts: float, interval_s: float, metrics: dict[str, float],
-            offset: int = -1, partition: int = -1, now: float = 0.0, ref: dict | None = None) -> list[tuple[EntityState, Window]]:
+    def add(self, entity_id: str, seq: int, metrics: dict[str, float], offset: int = -1, partition: int = -1,
+            now: float = 0.0) -> list[tuple[EntityState, Window]]:
+        """One sample of one entity."""
+        return self.add_many(entity_id, [(seq, metrics, offset)], partition, now)
+
+    def add_many(self, entity_id: str, items: list[tuple[int, dict[str, float], int]], partition: int = -1,
+                 now: float = 0.0) -> list[tuple[EntityState, Window]]:
+        """Samples (seq, metrics, input offset) of one entity, in arrival order."""
+        if not items:
+            return []
         st = self.entities.get(entity_id)
         if st is None:
-            st = self._new_entity(entity_id, metrics)
+            st = self._new_entity(entity_id, items[0][1])
             self.entities[entity_id] = st
             if len(self.entities) > self.cfg.max_entities:
-                old, _ = self.entities.popitem(last=False)
+                self.entities.popitem(last=False)
                 self.counters.add("evicted_capacity")
         else:
             self.entities.move_to_end(entity_id)
         st.last_seen = now
         st.partition = partition
-        st.interval_s, st.last_ts = interval_s, ts
-        if ref is not None:
-            st.ref = ref
-        if st.last_seq is not None and seq <= st.last_seq:
-            self.counters.add("duplicate" if seq == st.last_seq else "late")
+        accepted = self._accept(st, items)
+        if not accepted:
             return []
-        raw = self._vector(st, metrics)
-        out: list[tuple[EntityState, Window]] = []
-        if st.last_seq is not None and seq > st.last_seq + 1:
-            missing = seq - st.last_seq - 1
-            if missing <= self.cfg.max_fill:
-                self.counters.add("filled", missing)
-                for s in range(st.last_seq + 1, seq):
-                    out += self._push(entity_id, st, s, st.last_raw, offset)
+        if st.window is None:
+            st.calib += accepted
+            if len(st.calib) < self.cfg.calibration_samples:
+                return []
+            accepted, st.calib = st.calib, []
+            self._calibrate(entity_id, st, accepted)
+        return self._feed(st, accepted)
+
+    def _accept(self, st: EntityState, items) -> list:
+        """Apply the input policy: drop duplicates and late samples, fill short gaps."""
+        out = []
+        last, last_raw, last_off = st.last_seq, st.last_raw, st.last_off
+        max_fill = self.cfg.max_fill
+        for seq, metrics, off in items:
+            if last is not None and seq <= last:
+                self.counters.add("duplicate" if seq == last else "late")
+                continue
+            raw = self._vector(st, metrics, last_raw)
+            if last is not None and seq > last + 1:
+                missing = seq - last - 1
+                if missing <= max_fill:
+                    self.counters.add("filled", missing)
+                    out += [(s, last_raw, last_off) for s in range(last + 1, seq)]
+                else:
+                    self.counters.add("reset")  # the seq discontinuity restarts the window in _feed
+            out.append((seq, raw, off))
+            last, last_raw, last_off = seq, raw, off
+        st.last_seq, st.last_raw, st.last_off = last, last_raw, last_off
+        return out
+
+    def _calibrate(self, entity_id: str, st: EntityState, entries: list) -> None:
+        data = np.array([r for _, r, _ in entries], dtype=np.float64)
+        ranges = Ranges.fit(st.features, data, clip=self.cfg.clip)
+        lo = np.where(np.isfinite(ranges.lo), ranges.lo, 0.0)
+        hi = np.where(np.isfinite(ranges.hi), ranges.hi, lo)
+        ranges = Ranges(ranges.features, lo, hi, ranges.clip)
+        self._sink(entity_id, ranges)
+        st.window = self.window_cls(self.cfg, ranges)
+        self.counters.add("calibrated")
+
+    def _feed(self, st: EntityState, entries: list) -> list[tuple[EntityState, Window]]:
+        win = st.window
+        out = []
+        i, n = 0, len(entries)
+        while i < n:
+            j = i + 1
+            while j < n and entries[j][0] == entries[j - 1][0] + 1:
+                j += 1
+            seq0 = entries[i][0]
+            if win.last_seq is not None and seq0 != win.last_seq + 1:
+                win.reset()
+            if j - i == 1:
+                raw = np.array(entries[i][1], dtype=np.float64)[None, :]
+                offs = np.array([entries[i][2]], np.int64)
             else:
-                self.counters.add("reset")
-                if st.window is not None:
-                    st.window.reset()
-        out += self._push(entity_id, st, seq, raw, offset)
-        st.last_seq, st.last_raw = seq, raw
+                raw = np.array([r for _, r, _ in entries[i:j]], dtype=np.float64)
+                offs = np.fromiter((o for _, _, o in entries[i:j]), np.int64, j - i)
+            if st.had_nan and np.isnan(raw).any():  # features never seen before calibration: their minimum
+                raw = np.where(np.isnan(raw), win.ranges.lo, raw)
+            out += [(st, w) for w in win.push_run(seq0, raw, offs)]
+            i = j
         return out
 
     def _new_entity(self, entity_id: str, metrics: dict[str, float]) -> EntityState:
@@ -255,61 +372,36 @@ class WindowStore:
             feats = self._features or tuple(sorted(metrics))
         if not feats:
             raise ValueError(f"entity {entity_id}: the first sample has no metrics and no feature list is configured")
-        win = EntityWindow(self.cfg, ranges) if ranges is not None else None
+        win = self.window_cls(self.cfg, ranges) if ranges is not None else None
         return EntityState(features=tuple(feats), window=win)
 
-    def _vector(self, st: EntityState, metrics: dict[str, float]) -> np.ndarray:
+    def _vector(self, st: EntityState, metrics: dict[str, float], prev: tuple | None) -> tuple:
         try:
-            vec = np.array(st.getter(metrics), dtype=np.float64)
+            vals = st.getter(metrics)
         except KeyError:
-            pass  # some feature is missing: the slow path below fills it
+            pass  # some feature is missing: carry it forward below
         else:
             if not st.warned_extra and len(metrics) > len(st.features):
                 st.warned_extra = True
                 self.counters.add("extra_metrics_entities")
-            return vec
-        feats = st.features
-        get = metrics.get
-        vals = [get(f) for f in feats]
-        if None in vals:
-            prev = st.last_raw
-            for i, v in enumerate(vals):
-                if v is None:
-                    if prev is not None:
-                        vals[i] = prev[i]
-                    elif st.window is not None:
-                        vals[i] = st.window.ranges.lo[i]
-                    else:
-                        vals[i] = math.nan  # filled from the calibration minimum when ranges are fitted
-                    self.counters.add("missing_value")
+            return vals
+        vals = []
+        for i, f in enumerate(st.features):
+            v = metrics.get(f)
+            if v is None:
+                self.counters.add("missing_value")
+                if prev is not None:
+                    v = prev[i]
+                elif st.window is not None:
+                    v = float(st.window.ranges.lo[i])
+                else:
+                    v = math.nan  # filled with the calibration minimum once ranges are fitted
+                    st.had_nan = True
+            vals.append(v)
         if not st.warned_extra and not metrics.keys() <= st.featset:
             st.warned_extra = True
             self.counters.add("extra_metrics_entities")
-        return np.array(vals, dtype=np.float64)
-
-    def _push(self, entity_id: str, st: EntityState, seq: int, raw: np.ndarray, offset: int):
-        if st.window is None:
-            st.calib.append((seq, raw, offset))
-            if len(st.calib) < self.cfg.calibration_samples:
-                return []
-            data = np.stack([r for _, r, _ in st.calib])
-            ranges = Ranges.fit(st.features, data, clip=self.cfg.clip)
-            lo = np.where(np.isfinite(ranges.lo), ranges.lo, 0.0)
-            hi = np.where(np.isfinite(ranges.hi), ranges.hi, lo)
-            ranges = Ranges(ranges.features, lo, hi, ranges.clip)
-            self._sink(entity_id, ranges)
-            st.window = EntityWindow(self.cfg, ranges)
-            self.counters.add("calibrated")
-            out = []
-            for s, r, o in st.calib:
-                r = np.where(np.isnan(r), lo, r)
-                w = st.window.push(s, r, o)
-                if w is not None:
-                    out.append((st, w))
-            st.calib = []
-            return out
-        w = st.window.push(seq, raw, offset)
-        return [(st, w)] if w is not None else []
+        return tuple(vals)
 
     # -- housekeeping --------------------------------------------------------------------------
     def evict_idle(self, now: float) -> list[str]:

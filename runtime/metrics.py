@@ -19,7 +19,7 @@ class ServiceMetrics:
         self.dead_letters = Counter("osad_dead_letters", "Messages sent to the dead-letter topic", ["service"],
                                     registry=self.registry).labels(**lab)
         self.commits = Counter("osad_offset_commits", "Offset commits", ["service"], registry=self.registry).labels(**lab)
-        self.latency = Histogram("osad_processing_seconds", "Time to process one input message", ["service"],
+        self.latency = Histogram("osad_processing_seconds", "Processing time per input message (one observation per poll: batch time / batch size)", ["service"],
                                  buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10),
                                  registry=self.registry).labels(**lab)
         self.lag = _Bound(Gauge("osad_consumer_lag", "Messages behind the partition's high watermark",

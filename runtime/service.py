@@ -64,6 +64,15 @@ class Transform(ABC):
     def process(self, msg: BaseModel, meta: InputMeta) -> Iterable[Output]:
         """Handle one decoded input message."""
 
+    def process_batch(self, batch: list[tuple[BaseModel, InputMeta]]) -> Iterable[Output]:
+        """Handle the decoded messages of one poll, in order. Override to vectorise; if it raises, the
+        runner retries the messages one by one through :meth:`process` (so a transform must tolerate
+        seeing a message again: e.g. drop what it already has)."""
+        out: list[Output] = []
+        for msg, meta in batch:
+            out.extend(self.process(msg, meta))
+        return out
+
     def tick(self, now: float) -> Iterable[Output]:
         """Called after each poll (also when idle): flush batches, evict idle state."""
         return ()
@@ -147,9 +156,8 @@ class ServiceRunner:
                 records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms,
                                              max_records=self.cfg.max_poll_records)
                 self._last_poll = time.monotonic()
-                for tp, msgs in records.items():
-                    for m in msgs:
-                        self._handle(tp, m)
+                if records:
+                    self._handle_batch(records)
                 self._emit(self.t.tick(time.time()))
                 self._update_lag()
                 if time.monotonic() - last_commit >= self.cfg.commit_interval_s:
@@ -172,27 +180,41 @@ class ServiceRunner:
             if self.status is not None:
                 self.status.stop()
 
-    # -- per message -------------------------------------------------------------------------
-    def _handle(self, tp, m) -> None:
+    # -- per poll --------------------------------------------------------------------------
+    def _handle_batch(self, records: dict) -> None:
         t0 = time.perf_counter()
-        self.metrics.messages_in.inc()
-        meta = InputMeta(tp.topic, tp.partition, m.offset, m.timestamp)
+        good, raw = [], []
+        n = 0
+        for tp, msgs in records.items():
+            for m in msgs:
+                n += 1
+                try:
+                    msg = decode(m.value, self.t.input.model)
+                except WireError as e:
+                    self.metrics.errors.labels(kind="decode").inc()
+                    self._dead_letter(tp, m, str(e))
+                else:
+                    good.append((msg, InputMeta(tp.topic, tp.partition, m.offset, m.timestamp)))
+                    raw.append((tp, m))
+        self.metrics.messages_in.inc(n)
         try:
-            msg = decode(m.value, self.t.input.model)
-        except WireError as e:
-            self.metrics.errors.labels(kind="decode").inc()
-            self._dead_letter(tp, m, str(e))
+            outs = list(self.t.process_batch(good))
+        except Exception:
+            log.warning("%s: a batch of %d failed; retrying its messages one by one", self.t.name, len(good),
+                        exc_info=True)
+            for (msg, meta), (tp, m) in zip(good, raw):
+                try:
+                    self._emit(list(self.t.process(msg, meta)))
+                except Exception as e:  # a bug or an input the transform cannot handle: keep going
+                    log.exception("%s: processing %s[%d]@%d failed", self.t.name, tp.topic, tp.partition, m.offset)
+                    self.metrics.errors.labels(kind="process").inc()
+                    self._dead_letter(tp, m, f"processing failed: {type(e).__name__}: {e}")
         else:
-            try:
-                outs = list(self.t.process(msg, meta))
-            except Exception as e:  # a bug or an input the transform cannot handle: keep going
-                log.exception("%s: processing %s[%d]@%d failed", self.t.name, tp.topic, tp.partition, m.offset)
-                self.metrics.errors.labels(kind="process").inc()
-                self._dead_letter(tp, m, f"processing failed: {type(e).__name__}: {e}")
-            else:
-                self._emit(outs)
-        self._processed[tp] = m.offset + 1
-        self.metrics.latency.observe(time.perf_counter() - t0)
+            self._emit(outs)
+        for tp, msgs in records.items():
+            self._processed[tp] = msgs[-1].offset + 1
+        if n:
+            self.metrics.latency.observe((time.perf_counter() - t0) / n)
 
     def _emit(self, outs: Iterable[Output]) -> None:
         for o in outs:

@@ -86,28 +86,52 @@ class SignatureWindow(WindowHeader):
 
     ``signatures[k, s]`` is the N x N signature matrix at scale ``scales[s]`` ending at
     sample ``window_end_seq - (step - 1 - k) * gap``: M_ij = (1/w) sum_{d<w} x_i(t-d) x_j(t-d)
-    over min-max scaled values. ``values`` is the last ``max(scales)`` scaled samples
-    (rows oldest first), for scorers that work on the series itself (compressed sensing).
-    On the wire matrices travel as float32 upper triangles (see schemas.wire).
+    over min-max scaled values. The matrices are symmetric, so the message holds their upper
+    triangles (diagonal included, numpy.triu_indices order) in ``tri``; ``signatures`` gives the
+    full matrices. ``values`` is the last ``max(scales)`` scaled samples (rows oldest first), for
+    scorers that work on the series itself (compressed sensing). A window may be built from full
+    matrices too: ``SignatureWindow(..., signatures=full, values=...)``.
     """
 
-    signatures: np.ndarray = Field(..., description="float32 [step, S, N, N], symmetric.")
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    tri: np.ndarray = Field(..., description="float32 [step, S, N(N+1)/2]: upper triangles of the signature matrices.")
     values: np.ndarray = Field(..., description="float32 [max(scales), N], scaled, oldest row first.")
 
     @property
     def step(self) -> int:
-        return int(self.signatures.shape[0])
+        return int(self.tri.shape[0])
+
+    @property
+    def signatures(self) -> np.ndarray:
+        """float32 [step, S, N, N], the full symmetric matrices."""
+        from .wire import unpack_symmetric
+
+        return unpack_symmetric(self.tri, len(self.features))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_full(cls, data):
+        if isinstance(data, dict) and "signatures" in data and "tri" not in data:
+            from .wire import pack_symmetric
+
+            data = dict(data)
+            full = np.asarray(data.pop("signatures"), dtype=np.float32)
+            if full.ndim != 4 or full.shape[-1] != full.shape[-2]:
+                raise ValueError(f"signatures has shape {full.shape}, expected [step, S, N, N]")
+            data["tri"] = pack_symmetric(full)
+        return data
 
     @model_validator(mode="after")
     def _shapes(self) -> "SignatureWindow":
         n, s = len(self.features), len(self.scales)
-        sig = np.asarray(self.signatures, dtype=np.float32)
+        tri = np.asarray(self.tri, dtype=np.float32)
         val = np.asarray(self.values, dtype=np.float32)
-        if sig.ndim != 4 or sig.shape[1:] != (s, n, n):
-            raise ValueError(f"signatures has shape {sig.shape}, expected [step, {s}, {n}, {n}]")
+        if tri.ndim != 3 or tri.shape[1:] != (s, n * (n + 1) // 2):
+            raise ValueError(f"tri has shape {tri.shape}, expected [step, {s}, {n * (n + 1) // 2}] for {n} features")
         if val.shape != (max(self.scales), n):
             raise ValueError(f"values has shape {val.shape}, expected [{max(self.scales)}, {n}]")
-        object.__setattr__(self, "signatures", sig)
+        object.__setattr__(self, "tri", tri)
         object.__setattr__(self, "values", val)
         return self
 

@@ -93,12 +93,12 @@ def _short(e: ValidationError) -> str:
 
 
 def _encode_window(w: SignatureWindow) -> bytes:
-    header = w.model_dump(exclude={"signatures", "values"})
+    header = w.model_dump(exclude={"tri", "values"})
     header["step"] = w.step
     hb = json.dumps(header, separators=(",", ":")).encode()
-    tri = pack_symmetric(w.signatures)
+    tri = np.ascontiguousarray(w.tri, dtype="<f4")
     vals = np.ascontiguousarray(w.values, dtype="<f4")
-    return b"".join((_HDR.pack(_MAGIC, len(hb)), hb, tri.astype("<f4", copy=False).tobytes(), vals.tobytes()))
+    return b"".join((_HDR.pack(_MAGIC, len(hb)), hb, tri.tobytes(), vals.tobytes()))
 
 
 def _decode_window(data: bytes) -> SignatureWindow:
@@ -125,7 +125,7 @@ def _decode_window(data: bytes) -> SignatureWindow:
     tri = np.frombuffer(data, dtype="<f4", count=ntri, offset=off).reshape(step, s, -1)
     vals = np.frombuffer(data, dtype="<f4", count=t * n, offset=off + 4 * ntri).reshape(t, n)
     try:
-        return SignatureWindow(**header, signatures=unpack_symmetric(tri, n), values=vals.astype(np.float32))
+        return SignatureWindow(**header, tri=tri.astype(np.float32), values=vals.astype(np.float32))
     except ValidationError as e:
         raise WireError(f"not a valid SignatureWindow: {_short(e)}") from None
 
