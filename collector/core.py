@@ -236,10 +236,27 @@ class Tracker:
 
     def register(self, pid: int) -> Entity | None:
         """Start tracking a process that exists now (a --pid target, a spawned command)."""
+        ps = self.reader.stat(pid)
+        if ps is None or ps.state in ("Z", "X"):
+            return None
         if self.per_thread:
-            return self._process_for(pid, {})
-        inc = self._current(pid, pid, {})
-        return inc.entity if inc else None
+            cur = next((e for e in reversed(self.procs.get(pid, ())) if not e.exited), None)
+            if cur is not None and cur.start_ticks == ps.start_ticks:
+                return cur
+            e = self._new_process(pid, None)
+            if e is not None:
+                self.procs.setdefault(pid, []).append(e)
+            return e
+        lst = self.incs.get(pid)
+        if lst and not lst[-1].exiting and lst[-1].entity.start_ticks == ps.start_ticks:
+            return lst[-1].entity
+        # a new process (or a pid reused since the last drain: the older one's exit is still to come)
+        e = self._new_process(pid, None)
+        if e is None:
+            return None
+        self.incs.setdefault(pid, []).append(Inc(pid, e))
+        self.tombstones.pop(pid, None)
+        return e
 
     # ---- one drain ------------------------------------------------------------------------
     def ingest(self, snap: Snapshot) -> tuple[list[Report], dict[str, list[int]], list[int]]:

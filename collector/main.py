@@ -550,7 +550,7 @@ def _serve_status(c: Collector, port: int):
     c.on_interval = on_interval
 
     def health():
-        return True, {"backend": c.backend.name, "intervals": c.intervals, "samples": c.samples_out,
+        return True, {"service": "collector", "status": "ok", "backend": c.backend.name, "intervals": c.intervals, "samples": c.samples_out,
                       "fallback_reason": c.fallback_reason}
 
     srv = StatusServer(port, m, health).start()

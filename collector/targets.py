@@ -25,17 +25,20 @@ class TargetSpec:
     comm: re.Pattern | None = None
     all: bool = False
     follow_children: bool = False
+    only_added: bool = False  # watch only what Collector.watch()/spawn() add (embedding, tests)
 
     @property
     def kernel_filter(self) -> bool:
         """Aggregate only the targets in kernel (--pid/--command); --comm and --all watch every process."""
-        return bool(self.pids or self.command)
+        return bool(self.pids or self.command or self.only_added)
 
     def describe(self) -> str:
         if self.command:
             what = f"command {shlex.join(self.command)!r}"
         elif self.pids:
             what = "pid " + ",".join(map(str, self.pids))
+        elif self.only_added:
+            what = "the processes added"
         elif self.comm is not None:
             what = f"processes whose comm matches {self.comm.pattern!r}"
         else:

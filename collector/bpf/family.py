@@ -138,17 +138,17 @@ class Family:
     # ---- targets -------------------------------------------------------------------------
     def add_target(self, tgid: int) -> None:
         if self.settings.filter:
-            t = self.bpf["targets"]
+            t = self.bpf[b"targets"]
             t[t.Key(tgid)] = t.Leaf(1)
 
     def targets(self) -> set[int]:
         if not self.settings.filter:
             return set()
-        return {int(k) for k, _ in read_map(self.bpf["targets"])}
+        return {int(k) for k, _ in read_map(self.bpf[b"targets"])}
 
     # ---- reading -------------------------------------------------------------------------
     def events_since_last(self) -> int:
-        total = sum(int(v) for v in self.bpf["nevents"].getvalue(0))
+        total = sum(int(v) for v in self.bpf[b"nevents"].getvalue(0))
         d, self._events_seen = total - self._events_seen, total
         return d
 
@@ -162,16 +162,16 @@ class Family:
         """[(key, exit_ts_boot_ns, tgid, final cumulative counters)] of entities that exited,
         removed from the map as they are read."""
         out = []
-        for k, v in read_map(self.bpf["dead"], delete=True):
+        for k, v in read_map(self.bpf[b"dead"], delete=True):
             out.append((int(k.id), int(k.ts), int(v.tgid), self.counters_of(v)))
         return out
 
     def read_live(self) -> dict[int, tuple[int, dict[str, int]]]:
         """{key: (tgid, cumulative counters)} of entities alive with counters."""
-        return {int(k): (int(v.tgid), self.counters_of(v)) for k, v in read_map(self.bpf["stats"])}
+        return {int(k): (int(v.tgid), self.counters_of(v)) for k, v in read_map(self.bpf[b"stats"])}
 
     def delete_keys(self, keys) -> None:
-        t = self.bpf["stats"]
+        t = self.bpf[b"stats"]
         for k in keys:
             try:
                 del t[t.Key(k)]

@@ -16,13 +16,13 @@ class Mem(Family):
     def read_rss(self) -> dict[int, dict[str, int]]:
         """{tgid: {rss_*_bytes: latest value}} for the kinds the kernel has reported."""
         out = {}
-        for k, v in read_map(self.bpf["rss"]):
+        for k, v in read_map(self.bpf[b"rss"]):
             seen = int(v.seen)
             out[int(k)] = {name: max(0, int(v.bytes[i])) for i, name in enumerate(RSS_KINDS) if seen >> i & 1}
         return out
 
     def delete_rss(self, tgids) -> None:
-        t = self.bpf["rss"]
+        t = self.bpf[b"rss"]
         for k in tgids:
             try:
                 del t[t.Key(k)]

@@ -93,7 +93,7 @@ class Uprobes(Family):
 
     def read_live(self):
         out: dict[int, tuple[int, dict[str, int]]] = {}
-        for k, v in read_map(self.bpf["stats"]):
+        for k, v in read_map(self.bpf[b"stats"]):
             key = int(k.id)
             tgid, vals = out.setdefault(key, (int(v.tgid), {}))
             vals.update(self._vals(int(k.probe), v))
@@ -101,13 +101,13 @@ class Uprobes(Family):
 
     def read_dead(self):
         grouped: dict[tuple[int, int], tuple[int, dict[str, int]]] = {}
-        for k, v in read_map(self.bpf["dead"], delete=True):
+        for k, v in read_map(self.bpf[b"dead"], delete=True):
             tgid, vals = grouped.setdefault((int(k.id), int(k.ts)), (int(v.tgid), {}))
             vals.update(self._vals(int(k.probe), v))
         return [(key, ts, tgid, vals) for (key, ts), (tgid, vals) in grouped.items()]
 
     def delete_keys(self, keys) -> None:
-        t = self.bpf["stats"]
+        t = self.bpf[b"stats"]
         for key in keys:
             for i in range(len(self.probes)):
                 k = t.Key()
