@@ -21,9 +21,10 @@ from pathlib import Path
 
 from runtime.config import option, positive
 
-# (service name, osad subcommand, extra arguments); started in this order, stopped in reverse.
+# (service name, osad subcommand, extra arguments; {state} is --state-dir); started in this order,
+# stopped in reverse.
 PIPELINE = (
-    ("featurizer", "featurizer", []),
+    ("featurizer", "featurizer", ["--state-dir", "{state}/featurizer"]),
     ("detector", "detect", []),
     ("alerter", "alert", []),
     ("collector", "collect", ["--all"]),
@@ -38,6 +39,7 @@ def register(sub) -> None:
     option(p, "--metrics-base-port", type=int, default=9400, check=positive,
            help="services serve /metrics and /healthz on consecutive ports from here")
     option(p, "--log-dir", default="var/up", help="folder for each service's log")
+    option(p, "--state-dir", default="var", help="folder for the services' state (learned scaling ranges, ...)")
     option(p, "--only", type=lambda s: [x for x in s.split(",") if x], default=None,
            help="comma-separated services to start (default: every one available)")
     option(p, "--replay", default=None,
@@ -80,6 +82,7 @@ def plan(args, bootstrap: str, have: set[str]) -> list[Child]:
     for name, cmd, extra in PIPELINE:
         if cmd not in have or (args.only and name not in args.only):
             continue
+        extra = [a.format(state=args.state_dir) for a in extra]
         if name == "collector":
             extra = shlex.split(args.collect_args)
         children.append(Child(name, _osad(cmd, "--bootstrap", bootstrap, "--metrics-port", str(port), *extra),
