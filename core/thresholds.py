@@ -1,0 +1,232 @@
+"""Label-free alarm thresholds from scores on a normal period (shared by evaluation and the alerter).
+
+* :func:`pot_threshold` / :class:`SPOT`: extreme value theory after Siffer et al., "Anomaly Detection
+  in Streams with Extreme Value Theory", KDD 2017. The Pickands-Balkema-de Haan theorem says that
+  the excesses over a high initial threshold ``t`` follow a generalized Pareto distribution (GPD)
+  ``P(X - t > y | X > t) = (1 + gamma * y / sigma) ** (-1 / gamma)``. Fitting (gamma, sigma) on the
+  normal scores' excesses gives the threshold ``z_q`` that a normal score exceeds with probability
+  ``q``:
+  ``z_q = t + sigma / gamma * ((q * n / N_t) ** (-gamma) - 1)`` (``t - sigma * log(q n / N_t)`` for
+  gamma = 0), with ``n`` scores of which ``N_t`` exceed ``t``. The GPD is fitted by maximum
+  likelihood with Grimshaw's reduction to one variable (as in the paper): with ``x = gamma / sigma``
+  the likelihood equations reduce to ``u(x) v(x) = 1``,
+  ``u(x) = mean(1 / (1 + x Y))``, ``v(x) = 1 + mean(log(1 + x Y))``, then ``gamma = v(x) - 1`` and
+  ``sigma = gamma / x``; every root (and the exponential case x -> 0) is a candidate and the one of
+  highest likelihood wins.
+* :func:`sigma_threshold`: ``mean + k * std`` (OSdetector's rule, k = 3): the fallback when there are
+  too few peaks for a GPD fit.
+
+Example::
+
+    >>> import numpy as np
+    >>> normal = np.random.default_rng(0).exponential(1.0, 20000)
+    >>> r = pot_threshold(normal, q=1e-3)
+    >>> r.method, round(r.value, 1)  # exact 1e-3 quantile of Exp(1): log(1000) = 6.9
+    ('pot', 6.9)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Threshold", "fit_gpd", "pot_threshold", "sigma_threshold", "SPOT"]
+
+
+@dataclass
+class Threshold:
+    """A chosen alarm threshold: flag a score ``>= value``."""
+
+    value: float
+    method: str  # "pot" or "sigma"
+    info: dict = field(default_factory=dict)
+
+
+def _gpd_loglik(y: np.ndarray, gamma: float, sigma: float) -> float:
+    if sigma <= 0:
+        return -math.inf
+    if abs(gamma) < 1e-12:
+        return float(-y.size * math.log(sigma) - y.sum() / sigma)
+    z = 1.0 + gamma * y / sigma
+    if (z <= 0).any():
+        return -math.inf
+    return float(-y.size * math.log(sigma) - (1.0 + 1.0 / gamma) * np.log(z).sum())
+
+
+def _grimshaw_w(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """u(x) v(x) - 1 for each x (vectorised)."""
+    s = 1.0 + np.multiply.outer(x, y)
+    return np.mean(1.0 / s, axis=1) * (1.0 + np.mean(np.log(s), axis=1)) - 1.0
+
+
+def _roots(y: np.ndarray, lo: float, hi: float, n_grid: int = 256, iters: int = 80) -> list[float]:
+    """Roots of u v - 1 in (lo, hi): sign changes on a grid, then bisection."""
+    if not (hi > lo):
+        return []
+    grid = np.linspace(lo, hi, n_grid)
+    w = _grimshaw_w(y, grid)
+    out = []
+    for i in np.nonzero(np.sign(w[:-1]) * np.sign(w[1:]) < 0)[0]:
+        a, b, wa = grid[i], grid[i + 1], w[i]
+        for _ in range(iters):
+            m = 0.5 * (a + b)
+            wm = _grimshaw_w(y, np.array([m]))[0]
+            if np.sign(wm) == np.sign(wa):
+                a, wa = m, wm
+            else:
+                b = m
+        out.append(0.5 * (a + b))
+    return out
+
+
+def fit_gpd(excesses) -> tuple[float, float]:
+    """Maximum-likelihood (gamma, sigma) of a generalized Pareto distribution on positive excesses.
+
+    Grimshaw's method (see the module docstring). Raises ``ValueError`` when the excesses cannot
+    be fitted (fewer than 2, or all equal).
+
+    >>> import numpy as np
+    >>> g, s = fit_gpd(np.random.default_rng(1).exponential(2.0, 5000))
+    >>> abs(g) < 0.05, round(s, 1)
+    (True, 2.0)
+    """
+    y = np.asarray(excesses, dtype=np.float64).reshape(-1)
+    y = y[np.isfinite(y)]
+    if y.size < 2 or (y < 0).any():
+        raise ValueError("need at least 2 non-negative excesses to fit a generalized Pareto distribution")
+    y = np.maximum(y, 0.0)
+    ymin, ymax, ymean = y.min(), y.max(), y.mean()
+    if ymax <= 0 or ymax - ymin <= 1e-12 * max(1.0, ymax):
+        raise ValueError("all excesses are equal: a generalized Pareto distribution cannot be fitted")
+    eps = 1e-8 / ymax
+    cands = [(0.0, ymean)]  # exponential case
+    lo_neg = -1.0 / ymax + eps
+    hi_pos = 2.0 * (ymean - ymin) / (ymin * ymin) if ymin > 0 else 1e6 / ymax
+    for x in _roots(y, lo_neg, -eps) + _roots(y, eps, hi_pos):
+        s = 1.0 + x * y
+        if (s <= 0).any():
+            continue
+        gamma = float(np.mean(np.log(s)))  # v(x) - 1
+        if abs(x) > 0 and abs(gamma) > 0:
+            cands.append((gamma, gamma / x))
+    best = max(cands, key=lambda gs: _gpd_loglik(y, *gs))
+    return float(best[0]), float(best[1])
+
+
+def sigma_threshold(scores, k: float = 3.0) -> Threshold:
+    """``mean + k * std`` of the normal scores (OSdetector's rule with k = 3)."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        raise ValueError("no finite scores to choose a threshold from; score a normal period first")
+    mu, sd = float(s.mean()), float(s.std())
+    return Threshold(mu + k * sd, "sigma", {"mean": mu, "std": sd, "k": k, "n": int(s.size)})
+
+
+def _init_threshold(s: np.ndarray, level: float, min_peaks: int) -> tuple[float, np.ndarray]:
+    n_peaks = max(min_peaks, int(math.ceil((1.0 - level) * s.size)))
+    srt = np.sort(s)
+    t = float(srt[s.size - n_peaks - 1]) if n_peaks < s.size else float(srt[0])
+    return t, s[s > t] - t
+
+
+def _z_q(t: float, gamma: float, sigma: float, q: float, n: int, n_t: int) -> float:
+    r = q * n / n_t
+    if abs(gamma) < 1e-12:
+        return t - sigma * math.log(r)
+    return t + sigma / gamma * (r ** (-gamma) - 1.0)
+
+
+def pot_threshold(scores, q: float = 1e-3, level: float = 0.98, min_peaks: int = 10,
+                  fallback_k: float = 3.0) -> Threshold:
+    """Threshold that a normal score exceeds with probability ``q`` (POT, Siffer et al. KDD 2017).
+
+    ``scores`` come from a normal period (train tail / validation); ``level`` sets the initial
+    threshold ``t`` as that quantile, lowered when needed so that at least ``min_peaks`` scores
+    exceed it. Falls back to :func:`sigma_threshold` (``mean + fallback_k * std``) when there are
+    fewer than ``2 * min_peaks`` scores, the excesses cannot be fitted, or the result is not finite;
+    ``method`` says which rule was used.
+    """
+    if not 0 < q < 1:
+        raise ValueError(f"q must be a probability in (0, 1), got {q}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    s = s[np.isfinite(s)]
+    if s.size < 2 * min_peaks:
+        r = sigma_threshold(s, fallback_k)
+        r.info["why"] = f"only {s.size} scores; POT needs at least {2 * min_peaks}"
+        return r
+    t, peaks = _init_threshold(s, level, min_peaks)
+    try:
+        gamma, sigma = fit_gpd(peaks)
+        z = _z_q(t, gamma, sigma, q, s.size, peaks.size)
+    except (ValueError, OverflowError, ZeroDivisionError) as e:
+        r = sigma_threshold(s, fallback_k)
+        r.info["why"] = str(e)
+        return r
+    if not math.isfinite(z):
+        r = sigma_threshold(s, fallback_k)
+        r.info["why"] = "POT threshold not finite"
+        return r
+    return Threshold(float(z), "pot", {"t": t, "gamma": gamma, "sigma": sigma, "n": int(s.size),
+                                       "n_peaks": int(peaks.size), "q": q})
+
+
+class SPOT:
+    """Streaming POT (Siffer et al. KDD 2017, algorithm SPOT): calibrate, then update online.
+
+    ``fit`` on a normal calibration period; then ``step(x)`` returns True for an alarm
+    (``x >= threshold``, not learned from), learns ``x`` as a peak when it exceeds the initial
+    threshold ``t`` (and refits the GPD), and otherwise only counts it.
+
+    >>> import numpy as np
+    >>> spot = SPOT(q=1e-3).fit(np.random.default_rng(0).exponential(1.0, 5000))
+    >>> spot.step(0.5), spot.step(50.0)
+    (False, True)
+    """
+
+    def __init__(self, q: float = 1e-3, level: float = 0.98, min_peaks: int = 10, fallback_k: float = 3.0):
+        self.q, self.level, self.min_peaks, self.fallback_k = q, level, min_peaks, fallback_k
+        self.t = math.nan
+        self.peaks: list[float] = []
+        self.n = 0
+        self.threshold: Threshold | None = None
+
+    def fit(self, scores) -> "SPOT":
+        s = np.asarray(scores, dtype=np.float64).reshape(-1)
+        s = s[np.isfinite(s)]
+        self.threshold = pot_threshold(s, self.q, self.level, self.min_peaks, self.fallback_k)
+        self.n = int(s.size)
+        if self.threshold.method == "pot":
+            self.t = self.threshold.info["t"]
+            self.peaks = (s[s > self.t] - self.t).tolist()
+        else:
+            self.t, self.peaks = math.nan, []
+        return self
+
+    @property
+    def value(self) -> float:
+        if self.threshold is None:
+            raise RuntimeError("SPOT: call fit() on a normal calibration period first")
+        return self.threshold.value
+
+    def step(self, x: float) -> bool:
+        """Process one score; True = alarm."""
+        z = self.value
+        if x >= z:
+            return True
+        self.n += 1
+        if math.isfinite(self.t) and x > self.t:
+            self.peaks.append(float(x) - self.t)
+            try:
+                gamma, sigma = fit_gpd(self.peaks)
+                zq = _z_q(self.t, gamma, sigma, self.q, self.n, len(self.peaks))
+                if math.isfinite(zq):
+                    self.threshold = Threshold(zq, "pot", {"t": self.t, "gamma": gamma, "sigma": sigma,
+                                                          "n": self.n, "n_peaks": len(self.peaks), "q": self.q})
+            except ValueError:
+                pass
+        return False

@@ -1,0 +1,383 @@
+"""Compressed-sensing scorer after JumpStarter (Ma et al., "Jump-Starting Multivariate Time Series
+Anomaly Detection for Online Service Systems", USENIX ATC 2021).
+
+Idea: a normal multivariate window is well reconstructed from a random subset of its points by a
+representation that is sparse (small L1 norm) in a 2-D DCT basis; anomalies (jitters, sudden drops
+or surges) carry high-energy components that such a reconstruction misses, so they stay in the
+residual ``|x - x_hat|``. Nothing is learned: the scorer scores from the very first window
+(``needs_fit = False``); ``fit`` only computes the metric grouping on a calibration stretch.
+
+Per window ``values`` [T, N] (T = 60 min-max scaled samples, oldest first), following the paper:
+
+1. **Shape-based grouping** (paper section 4.1): shape-based distance
+   ``SBD(x, y) = 1 - max_w CC_w(x, y) / (||x|| ||y||)`` of the z-normalised series (k-Shape,
+   Paparrizos & Gravano, SIGMOD 2015; cross-correlation via FFT), agglomerative clustering
+   (average linkage) cut at distance 0.01. Computed on the window itself, or on the calibration
+   stretch when :meth:`CSScorer.fit` was called (``grouping="fit"``). Each group is reconstructed
+   separately; we do that in one batched problem with a block-diagonal metric basis (the problem
+   separates exactly into the per-group problems).
+2. **Outlier-resistant sampling** (paper section 4.2): every time point gets a LESINN outlier score
+   (Pang et al., "LeSiNN: Detecting anomalies by identifying least similar nearest neighbours",
+   ICONIP 2015): the mean over ``t = 40`` random subsets of size ``phi = 20`` of the other points of
+   the window of the nearest-neighbour similarity ``1 / (1 + euclidean distance)``; score = its
+   inverse. Scores are min-max normalised in the window and inverted into sampling weights
+   ``w = rho + (1 - score)`` (rho = 0.1: an outlier keeps a small weight). ``m = round(0.4 T)``
+   *sampling units* are placed at stratified positions of the cumulative weight; each unit draws one
+   not-yet-sampled point from a Gaussian kernel around its position (std ``sigma * scale`` = 2.5
+   samples) times the weights. So likely-anomalous points are sampled rarely and the
+   reconstruction does not follow them. (The paper gives the ingredients; this arrangement of them
+   is our reading, documented here.) All random draws are fixed by ``seed`` and shared by every
+   window, so a window's score does not depend on the batch it comes in.
+3. **Reconstruction** (paper section 4.3): basis pursuit ``min ||v||_1 s.t. A v = y`` with
+   ``A`` the sampled rows of ``kron(IDCT_d, IDCT_T)`` and ``y`` the sampled values; the window
+   estimate is the 2-D inverse DCT of ``v``. Solved by the batched ADMM of :func:`basis_pursuit_dct`
+   instead of a generic convex solver (see ``bench/cs.py``).
+4. **Score** (paper section 4.4, adapted to our windows): residual ``r = |x - x_hat|``; per metric
+   ``s_j = P90(r_j over the newest gap points) - mean(r_j over the whole window)``; the window
+   score is the harmonic mean of the two largest ``s_j`` (clipped at 0). The score applies to the
+   ``gap`` newest samples, as the featurizer defines. Per-feature contributions are the clipped
+   ``s_j``.
+
+Example::
+
+    >>> import numpy as np
+    >>> from detector.base import WindowBatch
+    >>> t = np.arange(60)[:, None]
+    >>> v = np.sin(2 * np.pi * t / 60 + np.arange(4)) * 0.4 + 0.5
+    >>> v[-3, :2] += 1.0  # a spike on two metrics in the newest points
+    >>> batch = WindowBatch(signatures=np.zeros((2, 0, 0, 4, 4), np.float32),
+    ...                     values=np.stack([np.sin(2 * np.pi * t / 60 + np.arange(4)) * 0.4 + 0.5, v]))
+    >>> out = CSScorer().score(batch)
+    >>> bool(out.scores[1] > 5 * out.scores[0]), out.contributions[1].argsort()[-2:].tolist()
+    (True, [1, 0])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from detector.base import Scorer, ScoreBatch, WindowBatch
+
+__all__ = ["CSScorer", "basis_pursuit_dct", "dct_matrix", "sbd_matrix", "group_labels", "group_basis",
+           "lesinn_outlier_scores", "sampling_mask", "BPResult"]
+
+
+# --------------------------------------------------------------------------------------------- bases
+
+def dct_matrix(n: int) -> np.ndarray:
+    """Orthonormal DCT-II matrix D [n, n]: ``D @ x`` is the DCT of x, ``D.T @ c`` its inverse (IDCT)."""
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    d = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+    d[0] /= np.sqrt(2.0)
+    return d
+
+
+def group_basis(labels) -> np.ndarray:
+    """Block-diagonal orthonormal metric basis G [N, N] for a grouping of N metrics.
+
+    Metrics with the same label form a group; within a group (members in index order
+    ``m_0 < m_1 < ...``) ``G[m_a, m_b] = DCT_d[a, b]``. So ``G @ x`` applies each group's DCT to its
+    members and ``G.T`` inverts it; a singleton keeps its value.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    g = np.zeros((labels.size, labels.size))
+    for lab in np.unique(labels):
+        m = np.nonzero(labels == lab)[0]
+        g[np.ix_(m, m)] = dct_matrix(m.size)
+    return g
+
+
+# ----------------------------------------------------------------------------------------- grouping
+
+def sbd_matrix(values: np.ndarray) -> np.ndarray:
+    """Shape-based distances [B, N, N] between the metrics of each window ``values`` [B, T, N].
+
+    ``SBD = 1 - max_w CC_w / (||x|| ||y||)`` on z-normalised series, cross-correlation by FFT
+    (Paparrizos & Gravano, SIGMOD 2015). A constant metric has no shape: distance 1 to all others.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 2:
+        v = v[None]
+    b, t, n = v.shape
+    z = v - v.mean(axis=1, keepdims=True)
+    sd = z.std(axis=1, keepdims=True)
+    flat = (sd < 1e-9 * np.maximum(1.0, np.abs(v).max(axis=1, keepdims=True)))[:, 0, :]  # [B, N]
+    z = z / np.where(sd > 0, sd, 1.0)
+    nfft = 1 << int(np.ceil(np.log2(2 * t - 1)))
+    f = np.fft.rfft(z, nfft, axis=1)  # [B, F, N]
+    out = np.empty((b, n, n))
+    chunk = max(1, int(2e7 // (n * n * nfft)))
+    for s in range(0, b, chunk):
+        fc = f[s: s + chunk]
+        cc = np.fft.irfft(fc[:, :, :, None] * np.conj(fc[:, :, None, :]), nfft, axis=1).max(axis=1)
+        out[s: s + chunk] = 1.0 - cc / t  # ||z||^2 = t after z-normalisation
+    bad = flat[:, :, None] | flat[:, None, :]
+    out[bad] = 1.0
+    idx = np.arange(n)
+    out[:, idx, idx] = 0.0
+    return np.clip(out, 0.0, 2.0)
+
+
+def group_labels(sbd: np.ndarray, threshold: float = 0.01, method: str = "average") -> np.ndarray:
+    """Agglomerative clustering of one SBD matrix [N, N] cut at ``threshold``: labels [N] (0-based)."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    n = sbd.shape[0]
+    if n == 1:
+        return np.zeros(1, np.int64)
+    d = np.asarray(sbd, dtype=np.float64)
+    d = 0.5 * (d + d.T)
+    iu = np.triu_indices(n, 1)
+    lab = fcluster(linkage(d[iu], method=method), t=threshold, criterion="distance")
+    return (lab - 1).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------- sampling
+
+def lesinn_outlier_scores(values: np.ndarray, subsets: np.ndarray) -> np.ndarray:
+    """LESINN outlier score [B, T] of each time point of each window ``values`` [B, T, N].
+
+    ``subsets`` [T, t, phi] holds, for point i, t random subsets of the indices of the *other*
+    points. Score = 1 / mean over subsets of the nearest-neighbour similarity 1 / (1 + distance)
+    (Pang et al., ICONIP 2015), >= 1, higher = more outlying.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    sq = np.einsum("btn,btn->bt", v, v)
+    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * np.einsum("bin,bjn->bij", v, v)
+    dist = np.sqrt(np.maximum(d2, 0.0))  # [B, T, T]
+    t = v.shape[1]
+    rows = np.arange(t)[:, None, None]
+    nn = dist[:, rows, subsets].min(axis=-1)  # [B, T, t]
+    sim = (1.0 / (1.0 + nn)).mean(axis=-1)
+    return 1.0 / sim
+
+
+def sampling_mask(outlier: np.ndarray, m: int, unit_u: np.ndarray, pick_u: np.ndarray, rho: float = 0.1,
+                  kernel_std: float = 2.5) -> np.ndarray:
+    """Outlier-resistant sampling: bool mask [B, T] with exactly ``m`` sampled points per window.
+
+    ``outlier`` [B, T]: outlier scores; ``unit_u`` [m] and ``pick_u`` [m]: fixed uniforms in [0, 1)
+    (the seeded randomness). Weights ``w = rho + (1 - normalised score)``; unit k sits where the
+    cumulative weight reaches ``(k + unit_u[k]) / m`` and samples one free point with probability
+    proportional to ``exp(-(j - c_k)^2 / (2 kernel_std^2)) * w_j``.
+    """
+    o = np.asarray(outlier, dtype=np.float64)
+    b, t = o.shape
+    lo, hi = o.min(axis=1, keepdims=True), o.max(axis=1, keepdims=True)
+    on = np.where(hi - lo > 1e-12, (o - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0), 0.0)
+    w = rho + (1.0 - on)  # [B, T]
+    cw = np.cumsum(w, axis=1)
+    cw = np.concatenate([np.zeros((b, 1)), cw / cw[:, -1:]], axis=1)  # [B, T+1], point j spans [cw_j, cw_j+1)
+    pos = np.arange(t, dtype=np.float64)
+    taken = np.zeros((b, t), bool)
+    for k in range(m):
+        target = (k + unit_u[k]) / m
+        # continuous position where the cumulative weight reaches target (linear within a point)
+        j = np.minimum((cw[:, 1:] <= target).sum(axis=1), t - 1)
+        lo_c = cw[np.arange(b), j]
+        frac = (target - lo_c) / np.maximum(cw[np.arange(b), j + 1] - lo_c, 1e-12)
+        c = j + np.clip(frac, 0.0, 1.0) - 0.5
+        p = np.exp(-0.5 * ((pos[None, :] - c[:, None]) / kernel_std) ** 2) * w
+        p[taken] = 0.0
+        s = p.sum(axis=1, keepdims=True)
+        # a kernel that only covers taken points (cannot happen for m < T unless it is very narrow): use weights
+        p = np.where(s > 1e-300, p, np.where(taken, 0.0, w))
+        cp = np.cumsum(p, axis=1)
+        pick = (cp < pick_u[k] * cp[:, -1:]).sum(axis=1)
+        taken[np.arange(b), np.minimum(pick, t - 1)] = True
+    return taken
+
+
+# ------------------------------------------------------------------------------------------- solver
+
+@dataclass
+class BPResult:
+    x_hat: np.ndarray  # [B, T, N] reconstruction (equals the samples where sampled)
+    coef: np.ndarray  # [B, T, N] 2-D DCT coefficients v
+    iterations: int
+    converged: np.ndarray  # [B] bool
+
+
+def basis_pursuit_dct(values, mask, bases=None, *, max_iter: int = 400, tol: float = 1e-4, lam_rel: float = 0.5,
+                      alpha: float = 1.6, dtype: str = "float32", device: str = "cpu", check_every: int = 10) -> BPResult:
+    """Batched basis pursuit in a 2-D DCT basis by ADMM.
+
+    For each window b solve ``min ||V||_1`` over coefficient matrices V [T, N] subject to
+    ``(D_T.T @ V @ G_b)[mask_b] == values[b][mask_b]``: the reconstruction ``X = D_T.T V G_b``
+    (``D_T`` the orthonormal DCT-II of the time axis, ``G_b`` [N, N] an orthonormal metric basis, e.g.
+    :func:`group_basis`; identity when ``bases`` is None) must equal the samples. This is
+    ``min ||v||_1 s.t. A v = y`` with ``A`` = sampled rows of ``kron(G_b.T, D_T.T)`` (column-major
+    vec), the basis-pursuit problem of compressed sensing (Candes, Romberg & Tao 2006; Chen,
+    Donoho & Saunders 1998). ``mask`` is [B, T] (whole time rows sampled) or [B, T, N].
+
+    Because the basis is orthonormal and A selects rows, ``A A^T = I`` and the projection onto
+    ``{A v = y}`` is: inverse transform, overwrite the sampled entries with the samples, transform
+    back. ADMM (Boyd et al., "Distributed Optimization and Statistical Learning via the
+    Alternating Direction Method of Multipliers", 2011, section 6.2 "basis pursuit") with
+    over-relaxation ``alpha`` then alternates that projection with soft thresholding at
+    ``lam = lam_rel * mean|V_0|`` (any lam > 0 converges to the same minimiser; it only sets the
+    speed). Stops when, for every window, primal and dual residuals fall below ``tol`` relative
+    to ``||V||`` (checked every ``check_every`` iterations), or after ``max_iter``. The returned
+    reconstruction is the feasible iterate (exact at the samples).
+    """
+    import torch
+
+    tdt = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    y = torch.as_tensor(np.asarray(values), dtype=tdt, device=device)
+    if y.ndim != 3:
+        raise ValueError(f"values must be [B, T, N], got shape {tuple(y.shape)}")
+    b, t, n = y.shape
+    mk = torch.as_tensor(np.asarray(mask, dtype=bool), device=device)
+    if mk.ndim == 2:
+        mk = mk[:, :, None]
+    mk = mk.expand(b, t, n)
+    d = torch.as_tensor(dct_matrix(t), dtype=tdt, device=device)
+    dt = d.T.contiguous()
+    g = None if bases is None else torch.as_tensor(np.asarray(bases), dtype=tdt, device=device).expand(b, n, n)
+    gt = None if g is None else g.transpose(-1, -2).contiguous()
+
+    def fwd(x):  # signal -> coefficients: D X G^T
+        c = torch.matmul(d, x)
+        return c if g is None else torch.bmm(c, gt)
+
+    def inv(c):  # coefficients -> signal: D^T C G
+        x = torch.matmul(dt, c)
+        return x if g is None else torch.bmm(x, g)
+
+    y0 = torch.where(mk, y, torch.zeros_like(y))
+    z = fwd(y0)
+    u = torch.zeros_like(z)
+    lam = lam_rel * z.abs().mean(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    converged = torch.zeros(b, dtype=torch.bool, device=device)
+    v = z
+    it = 0
+    for it in range(1, max_iter + 1):
+        v = fwd(torch.where(mk, y, inv(z - u)))  # projection onto {A v = y}
+        vr = alpha * v + (1.0 - alpha) * z
+        w = vr + u
+        z_new = torch.sign(w) * torch.clamp(w.abs() - lam, min=0.0)
+        u = w - z_new
+        if it % check_every == 0 or it == max_iter:
+            scale = v.flatten(1).norm(dim=1).clamp_min(1e-12)
+            r = (v - z_new).flatten(1).norm(dim=1) / scale
+            s = (z_new - z).flatten(1).norm(dim=1) / scale
+            converged = (r < tol) & (s < tol)
+            z = z_new
+            if bool(converged.all()):
+                break
+        else:
+            z = z_new
+    x_hat = inv(v)
+    return BPResult(x_hat.cpu().numpy().astype(np.float64), v.cpu().numpy().astype(np.float64), it,
+                    converged.cpu().numpy())
+
+
+# ------------------------------------------------------------------------------------------- scorer
+
+class CSScorer(Scorer):
+    """JumpStarter's compressed-sensing score behind the :class:`~detector.base.Scorer` interface.
+
+    Parameters (paper values unless noted): ``gap`` newest points a window's score concerns (ours:
+    10); ``sample_rate`` 0.4; ``sbd_threshold`` 0.01; ``grouping``: "window" (per window, default),
+    "fit" (from :meth:`fit`'s calibration windows; per window until then) or "none" (every metric
+    alone: 1-D DCTs); LESINN ``lesinn_t`` 40, ``lesinn_phi`` 20; sampling ``rho`` 0.1,
+    ``kernel_sigma`` 0.5, ``kernel_scale`` 5; ``percentile`` 90; ``top_k`` 2 (harmonic mean);
+    solver ``max_iter`` / ``tol`` (see :func:`basis_pursuit_dct`); ``seed`` fixes every random draw.
+    """
+
+    needs_fit = False
+    uses_signatures = False  # scores from ``values`` only
+
+    def __init__(self, gap: int = 10, sample_rate: float = 0.4, sbd_threshold: float = 0.01,
+                 grouping: str = "window", lesinn_t: int = 40, lesinn_phi: int = 20, rho: float = 0.1,
+                 kernel_sigma: float = 0.5, kernel_scale: float = 5.0, percentile: float = 90.0, top_k: int = 2,
+                 max_iter: int = 400, tol: float = 1e-4, seed: int = 0, dtype: str = "float32",
+                 device: str = "cpu"):
+        if grouping not in ("window", "fit", "none"):
+            raise ValueError(f"grouping must be 'window', 'fit' or 'none', got {grouping!r}")
+        if not 0 < sample_rate < 1:
+            raise ValueError(f"sample_rate must be in (0, 1), got {sample_rate}")
+        self.gap, self.sample_rate, self.sbd_threshold, self.grouping = gap, sample_rate, sbd_threshold, grouping
+        self.lesinn_t, self.lesinn_phi, self.rho = lesinn_t, lesinn_phi, rho
+        self.kernel_std = kernel_sigma * kernel_scale
+        self.percentile, self.top_k = percentile, top_k
+        self.max_iter, self.tol, self.seed, self.dtype, self.device = max_iter, tol, seed, dtype, device
+        self.groups_: np.ndarray | None = None  # labels [N] from fit()
+        self._draws: dict[int, tuple] = {}
+
+    @property
+    def model_id(self) -> str:
+        return (f"cs-jumpstarter:rate={self.sample_rate}:group={self.grouping}:sbd={self.sbd_threshold}"
+                f":seed={self.seed}")
+
+    def fit(self, windows: WindowBatch) -> "CSScorer":
+        """Group metrics on a calibration stretch: mean SBD over the given windows (nothing else is learned)."""
+        if windows.size == 0:
+            raise ValueError("CSScorer.fit: no calibration windows; give at least one window (or skip fit)")
+        d = np.zeros((windows.n_features,) * 2)
+        for s in range(0, windows.size, 256):
+            d += sbd_matrix(windows.values[s: s + 256]).sum(axis=0)
+        self.groups_ = group_labels(d / windows.size, self.sbd_threshold)
+        return self
+
+    # fixed random draws per window length (shared by all windows -> batch-independent scores)
+    def _random(self, t: int):
+        if t not in self._draws:
+            rng = np.random.default_rng(self.seed)
+            phi = min(self.lesinn_phi, t - 1)
+            subsets = np.empty((t, self.lesinn_t, phi), np.int64)
+            for i in range(t):
+                for k in range(self.lesinn_t):
+                    s = rng.choice(t - 1, phi, replace=False)
+                    subsets[i, k] = s + (s >= i)  # indices of the other points
+            m = max(1, int(round(self.sample_rate * t)))
+            self._draws[t] = (subsets, m, rng.random(m), rng.random(m))
+        return self._draws[t]
+
+    def bases(self, values: np.ndarray) -> np.ndarray | None:
+        """Metric bases [B, N, N] (None when every metric is alone)."""
+        b, _, n = values.shape
+        if self.grouping == "none" or n == 1:
+            return None
+        if self.grouping == "fit" and self.groups_ is not None:
+            if self.groups_.size != n:
+                raise ValueError(f"CSScorer was fitted on {self.groups_.size} features, got windows with {n}")
+            return np.broadcast_to(group_basis(self.groups_), (b, n, n))
+        sbd = sbd_matrix(values)
+        return np.stack([group_basis(group_labels(s, self.sbd_threshold)) for s in sbd])
+
+    def reconstruct(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, BPResult]:
+        """Sampling mask [B, T] and reconstruction of windows ``values`` [B, T, N]."""
+        v = np.asarray(values, dtype=np.float64)
+        subsets, m, unit_u, pick_u = self._random(v.shape[1])
+        mask = sampling_mask(lesinn_outlier_scores(v, subsets), m, unit_u, pick_u, self.rho, self.kernel_std)
+        res = basis_pursuit_dct(v, mask, self.bases(v), max_iter=self.max_iter, tol=self.tol, dtype=self.dtype,
+                                device=self.device)
+        return mask, res.x_hat, res
+
+    def score(self, windows: WindowBatch) -> ScoreBatch:
+        v = np.asarray(windows.values, dtype=np.float64)
+        if v.ndim != 3 or v.shape[1] < 2:
+            raise ValueError(f"CSScorer.score: values must be [B, T >= 2, N], got {v.shape}")
+        b, t, n = v.shape
+        if b == 0:
+            return ScoreBatch(np.zeros(0), np.zeros((0, n)))
+        _, x_hat, res = self.reconstruct(v)
+        return self.score_residual(v, x_hat, res.iterations)
+
+    def score_residual(self, v: np.ndarray, x_hat: np.ndarray, iterations: int = 0) -> ScoreBatch:
+        b, t, n = v.shape
+        g = min(self.gap, t)
+        r = np.abs(v - x_hat)
+        per_metric = np.percentile(r[:, -g:, :], self.percentile, axis=1) - r.mean(axis=1)  # [B, N]
+        s = np.clip(per_metric, 0.0, None)
+        k = min(self.top_k, n)
+        top = -np.sort(-s, axis=1)[:, :k]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            hm = k / np.sum(1.0 / top, axis=1)  # harmonic mean; 0 when any of the top k is 0
+        hm = np.where(np.all(top > 0, axis=1), hm, 0.0)
+        return ScoreBatch(hm.astype(np.float64), s, {"max_metric": s.max(axis=1),
+                                                     "iterations": np.full(b, float(iterations))})

@@ -1,0 +1,373 @@
+"""Offline evaluation of scorers on the benchmark data sets (``osad evaluate``).
+
+Protocol per entity (see docs/evaluation.md and shared/notes/ALGORITHMS.md, "How detection quality
+is measured"):
+
+1. Min-max scaling ranges (:class:`core.signature.Ranges`) are fitted on the whole ``train`` split
+   and applied (with clipping) to train and test.
+2. ``train`` is split in time: the head (``1 - val_fraction``) fits the model on its windows; the
+   held-out tail is scored and only its scores choose the alarm threshold (POT, q = 1e-3,
+   :func:`core.thresholds.pot_threshold`), so ``deployed_f1`` uses no label.
+3. ``test`` is scored causally: the last ``span - 1`` rows before it are prepended, windows are cut
+   as the featurizer cuts them (one every ``gap`` samples, aligned so the last test row ends a
+   window) and a point's score is the score of the window whose ``gap`` newest samples contain it.
+   So every score uses data up to at most ``gap - 1`` samples after its point, never later.
+4. Metrics from :mod:`core.metrics`: f1, auprc, pa_f1, deployed_f1, hitrate@100% / @150%.
+   Test labels are used only here, never to choose anything.
+
+Baselines (PCA, L2, random) run in the same process on the same windows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core import metrics as M
+from core.datasets import Entity, list_entities, load_entity
+from core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, signature_windows, span
+from core.thresholds import pot_threshold
+from detector.base import Scorer, WindowBatch
+
+BASELINES = ("pca", "l2", "random")
+METRIC_KEYS = ("f1", "auprc", "pa_f1", "deployed_f1", "hitrate@100", "hitrate@150")
+
+
+def model_names() -> dict[str, str]:
+    """Model name -> one-line description (what ``--model`` accepts)."""
+    return {
+        "cs": "compressed sensing (JumpStarter) + train-fitted normalisation (default CS, see docs/evaluation.md)",
+        "cs-faithful": "compressed sensing as in JumpStarter, no training at all",
+        "pca": "PCA reconstruction error (90% variance), fit on train",
+        "l2": "L2 distance from the train mean",
+        "random": "uniform random score",
+        "mscred": "MSCRED (detector.mscred.MSCREDScorer), trained on the train head",
+    }
+
+
+def make_scorer(name: str, entity: Entity, ranges: Ranges, *, gap: int = DEFAULT_GAP, scales=DEFAULT_SCALES,
+                step: int = DEFAULT_STEP, seed: int = 0, threads: int | None = None) -> Scorer:
+    """A fresh scorer by name for one entity."""
+    if name == "cs":
+        from detector.cs import CSScorer
+
+        return CSScorer(gap=gap, seed=seed)
+    if name == "cs-faithful":
+        from detector.cs import CSScorer
+
+        return CSScorer(gap=gap, seed=seed)
+    if name == "pca":
+        from detector.baselines import PCAScorer
+
+        return PCAScorer(gap=gap)
+    if name == "l2":
+        from detector.baselines import L2Scorer
+
+        return L2Scorer(gap=gap)
+    if name == "random":
+        from detector.baselines import RandomScorer
+
+        return RandomScorer(seed=seed)
+    if name == "mscred":
+        try:
+            from detector.mscred import MSCREDScorer
+        except ImportError as e:
+            raise ValueError(f"--model mscred needs detector.mscred.MSCREDScorer, which cannot be imported ({e}); "
+                             "install the detector extra (pip install -e '.[detector]') or pick another model") from None
+        return MSCREDScorer(features=entity.feature_names, scales=scales, gap=gap, step=step, ranges=ranges,
+                            threads=threads)
+    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
+
+
+# ------------------------------------------------------------------------------------ windows
+
+def covering_ends(n_rows: int, first_point: int, need: int, gap: int) -> np.ndarray:
+    """Window ends (indices into a series of ``n_rows``) aligned so the last row ends a window and
+    every row from ``first_point`` on lies among the ``gap`` newest rows of one window.
+
+    Needs ``first_point >= need - 1`` rows of history before the first covered point.
+    """
+    if first_point < need - 1:
+        raise ValueError(f"need {need - 1} rows of history before the first scored point, got {first_point}")
+    last = n_rows - 1
+    k = (last - first_point) // gap  # windows before the last one
+    return last - gap * np.arange(k, -1, -1)
+
+
+def point_windows(n_points: int, first_point: int, ends: np.ndarray, gap: int) -> np.ndarray:
+    """For each point ``first_point + i`` the index of the window whose newest ``gap`` rows hold it."""
+    p = first_point + np.arange(n_points)
+    w = np.searchsorted(ends, p, side="left")
+    if (w >= ends.size).any() or (ends[np.minimum(w, ends.size - 1)] - gap >= p).any():
+        raise AssertionError("a point is not covered by any window")
+    return w
+
+
+def window_batches(x: np.ndarray, ends: np.ndarray, *, with_signatures: bool, scales=DEFAULT_SCALES,
+                   gap: int = DEFAULT_GAP, step: int = DEFAULT_STEP, chunk: int = 256):
+    """Yield WindowBatch chunks for the window ends ``ends`` of the scaled series ``x`` [T, N]."""
+    t = max(scales)
+    n = x.shape[1]
+    for s in range(0, ends.size, chunk):
+        e = ends[s: s + chunk]
+        values = np.stack([x[i - t + 1: i + 1] for i in e]).astype(np.float32)
+        if with_signatures:
+            sig = signature_windows(x, e, scales, gap, step)
+        else:  # the scorer reads values only: an empty signature axis keeps WindowBatch's shape contract
+            sig = np.zeros((e.size, 0, len(scales), n, n), np.float32)
+        yield WindowBatch(signatures=sig, values=values)
+
+
+def concat_batches(batches) -> WindowBatch:
+    bs = list(batches)
+    return WindowBatch(np.concatenate([b.signatures for b in bs]), np.concatenate([b.values for b in bs]))
+
+
+def score_windows(scorer: Scorer, batches) -> tuple[np.ndarray, np.ndarray]:
+    scores, contrib = [], []
+    for b in batches:
+        out = scorer.score(b)
+        scores.append(np.asarray(out.scores, np.float64))
+        contrib.append(np.asarray(out.contributions, np.float64))
+    return np.concatenate(scores), np.concatenate(contrib)
+
+
+# ------------------------------------------------------------------------------------ one entity
+
+@dataclass
+class EvalConfig:
+    val_fraction: float = 0.2
+    q: float = 1e-3
+    level: float = 0.98
+    gap: int = DEFAULT_GAP
+    scales: tuple = DEFAULT_SCALES
+    step: int = DEFAULT_STEP
+    seed: int = 0
+    limit_train: int | None = None  # keep only the last N train rows (quick runs)
+    limit_test: int | None = None  # keep only the first N test rows
+    threads: int | None = None
+    fit_options: dict | None = None  # extra keyword arguments for fit() of models that take them (mscred)
+
+
+def prepare(root, name: str, cfg: EvalConfig) -> tuple[Entity, Ranges, np.ndarray, np.ndarray]:
+    ent = load_entity(root, name)
+    if ent.test is None or ent.test_label is None:
+        raise ValueError(f"{ent.entity_id}: evaluation needs test/ and test_label/ files")
+    if cfg.limit_train:
+        ent.train = ent.train[-cfg.limit_train:]
+    if cfg.limit_test:
+        ent.test, ent.test_label = ent.test[: cfg.limit_test], ent.test_label[: cfg.limit_test]
+        ent.interpretation = [(a, min(b, cfg.limit_test - 1), f) for a, b, f in ent.interpretation
+                              if a < cfg.limit_test]
+    ranges = Ranges.fit(ent.feature_names, ent.train)
+    return ent, ranges, ranges.transform(ent.train), ranges.transform(ent.test)
+
+
+def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), keep_scores: bool = False) -> dict:
+    """Fit, calibrate and score every model on one entity; metrics per model (see module docstring)."""
+    ent, ranges, xtr, xte = prepare(root, name, cfg)
+    need = span(cfg.scales, cfg.gap, cfg.step)
+    n_train = xtr.shape[0]
+    n_val = int(round(cfg.val_fraction * n_train))
+    n_fit = n_train - n_val
+    if n_fit < need + cfg.gap or n_val < cfg.gap:
+        raise ValueError(f"{ent.entity_id}: {n_train} train rows are too few to fit on {1 - cfg.val_fraction:.0%} "
+                         f"and calibrate on {cfg.val_fraction:.0%} (windows need {need} rows); give more train rows")
+    # windows: fit (train head), validation (train tail, covered), test (covered, history from train)
+    fit_ends = np.arange(need - 1, n_fit)
+    fit_ends = fit_ends[(fit_ends + 1) % cfg.gap == 0]
+    val_ends = covering_ends(n_train, n_fit, need, cfg.gap)
+    z_test = np.concatenate([xtr[-(need - 1):], xte])
+    test_ends = covering_ends(z_test.shape[0], need - 1, need, cfg.gap)
+    test_map = point_windows(xte.shape[0], need - 1, test_ends, cfg.gap)
+    labels = ent.test_label
+
+    result = {"entity": ent.name, "dataset": ent.dataset, "n_train": n_train, "n_fit": n_fit, "n_val": n_val,
+              "n_test": int(xte.shape[0]), "anomaly_rate": float(labels.mean()), "models": {}}
+    arrays = {"labels": labels}
+    for mname in models:
+        scorer = make_scorer(mname, ent, ranges, gap=cfg.gap, scales=cfg.scales, step=cfg.step, seed=cfg.seed,
+                             threads=cfg.threads)
+        sig = bool(getattr(scorer, "uses_signatures", True))
+        kw = dict(with_signatures=sig, scales=cfg.scales, gap=cfg.gap, step=cfg.step)
+        t0 = time.perf_counter()
+        fit_batch = concat_batches(window_batches(xtr[:n_fit], fit_ends, **kw, chunk=1 << 30))
+        if cfg.fit_options and mname == "mscred":
+            scorer.fit(fit_batch, **cfg.fit_options)
+        else:
+            scorer.fit(fit_batch)
+        del fit_batch
+        t1 = time.perf_counter()
+        val_scores, _ = score_windows(scorer, window_batches(xtr, val_ends, **kw))
+        thr = pot_threshold(val_scores, q=cfg.q, level=cfg.level)
+        w_scores, w_contrib = score_windows(scorer, window_batches(z_test, test_ends, **kw))
+        t2 = time.perf_counter()
+        s, c = w_scores[test_map], w_contrib[test_map]
+        dep = M.f1_at(s, labels, thr.value)
+        best = M.best_f1(s, labels)
+        r = {
+            "f1": best["f1"], "auprc": M.auprc(s, labels), "pa_f1": M.pa_best_f1(s, labels)["f1"],
+            "deployed_f1": dep["f1"],
+            "hitrate@100": M.hitrate(c, ent.interpretation, 100), "hitrate@150": M.hitrate(c, ent.interpretation, 150),
+            "best_threshold": best["threshold"], "threshold": thr.value, "threshold_method": thr.method,
+            "deployed_precision": dep["precision"], "deployed_recall": dep["recall"],
+            "model_id": scorer.model_id, "fit_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3),
+            "windows_scored": int(val_ends.size + test_ends.size),
+        }
+        result["models"][mname] = r
+        arrays[mname] = s
+        arrays[mname + ":threshold"] = np.array(thr.value)
+    if keep_scores:
+        result["_arrays"] = arrays
+    return result
+
+
+# ------------------------------------------------------------------------------------ many entities
+
+def _worker_init(threads: int) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def _run_one(args):
+    root, name, models, cfg = args
+    t0 = time.perf_counter()
+    res = evaluate_entity(root, name, models, cfg, keep_scores=True)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def means(results: list[dict], models) -> dict:
+    out = {}
+    for m in models:
+        out[m] = {}
+        for k in METRIC_KEYS:
+            vals = [r["models"][m][k] for r in results if m in r["models"]]
+            vals = [v for v in vals if v is not None and not math.isnan(v)]
+            out[m][k] = float(np.mean(vals)) if vals else math.nan
+    return out
+
+
+def evaluate(root, models, entities=None, jobs: int = 1, out=None, cfg: EvalConfig = EvalConfig(),
+             plots: bool = True, progress=sys.stderr) -> dict:
+    """Evaluate ``models`` (baselines included by the caller) on the entities of one data set folder."""
+    from core.datasets import dataset_name
+
+    all_names = list_entities(root)
+    names = list(entities) if entities else all_names
+    unknown = [n for n in names if n not in all_names]
+    if unknown:
+        raise ValueError(f"{root}: no entity {', '.join(unknown)}; entities: {', '.join(all_names)}")
+    jobs = max(1, min(int(jobs), len(names)))
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // jobs)
+    cfg = EvalConfig(**{**cfg.__dict__, "threads": threads})
+    tasks = [(str(root), n, list(models), cfg) for n in names]
+    results: list[dict] = []
+    t0 = time.perf_counter()
+
+    def report(res):
+        results.append(res)
+        main = res["models"][models[0]]
+        if progress:
+            print(f"[{len(results)}/{len(names)}] {res['dataset']}/{res['entity']}: {models[0]} f1 {main['f1']:.3f} "
+                  f"auprc {main['auprc']:.3f} ({res['seconds']:.0f} s, {time.perf_counter() - t0:.0f} s total)",
+                  file=progress, flush=True)
+
+    if jobs == 1:
+        _worker_init(threads)
+        for t in tasks:
+            report(_run_one(t))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(threads))
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                 initargs=(threads,)) as ex:
+            futs = [ex.submit(_run_one, t) for t in tasks]
+            for f in as_completed(futs):
+                report(f.result())
+    order = {n: i for i, n in enumerate(names)}
+    results.sort(key=lambda r: order[r["entity"]])
+    arrays = {r["entity"]: r.pop("_arrays") for r in results}
+    summary = {"dataset": dataset_name(root), "root": str(root), "models": list(models), "entities": results,
+               "mean": means(results, models),
+               "protocol": {"val_fraction": cfg.val_fraction, "q": cfg.q, "level": cfg.level, "gap": cfg.gap,
+                            "scales": list(cfg.scales), "step": cfg.step, "seed": cfg.seed,
+                            "limit_train": cfg.limit_train, "limit_test": cfg.limit_test}}
+    if out:
+        outd = Path(out)
+        outd.mkdir(parents=True, exist_ok=True)
+        (outd / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+        if plots:
+            for r in results:
+                plot_entity(r, arrays[r["entity"]], list(models), outd / f"{r['dataset']}_{r['entity']}.png")
+    return summary
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def plot_entity(res: dict, arrays: dict, models, path: Path) -> None:
+    """One PNG: per model, point scores over the test period, labelled anomalies shaded, chosen threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = arrays["labels"]
+    fig, axes = plt.subplots(len(models), 1, figsize=(14, 1.9 * len(models) + 0.6), sharex=True, squeeze=False)
+    segs = M.segments(labels)
+    for ax, m in zip(axes[:, 0], models):
+        s = arrays[m]
+        thr = float(arrays[m + ":threshold"])
+        for a, b in segs:
+            ax.axvspan(a, b + 1, color="tab:red", alpha=0.18, lw=0)
+        ax.plot(s, lw=0.6, color="tab:blue")
+        ax.axhline(thr, color="tab:orange", lw=1, ls="--")
+        r = res["models"][m]
+        ax.set_ylabel(m)
+        ax.set_title(f"{m}: f1 {r['f1']:.3f}  auprc {r['auprc']:.3f}  deployed_f1 {r['deployed_f1']:.3f} "
+                     f"(threshold {r['threshold_method']})", fontsize=8, loc="left")
+        lo, hi = np.percentile(s, 0.5), max(np.percentile(s, 99.9), thr)
+        if hi > lo:
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.15 * (hi - lo))
+    axes[-1, 0].set_xlabel("test sample (red: labelled anomaly; dashed: label-free threshold)")
+    fig.suptitle(f"{res['dataset']}/{res['entity']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def format_table(summary: dict) -> str:
+    """Per-entity and mean rows as a Markdown table."""
+    models = summary["models"]
+    head = "| entity | model | f1 | auprc | pa_f1 | deployed_f1 | hitrate@100% | hitrate@150% |"
+    lines = [head, "|" + " --- |" * 8]
+
+    def fmt(v):
+        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+    for r in summary["entities"]:
+        for m in models:
+            x = r["models"][m]
+            lines.append(f"| {r['entity']} | {m} | " + " | ".join(fmt(x[k]) for k in METRIC_KEYS) + " |")
+    for m in models:
+        x = summary["mean"][m]
+        lines.append(f"| **mean** | **{m}** | " + " | ".join(fmt(x[k]) for k in METRIC_KEYS) + " |")
+    return "\n".join(lines)
