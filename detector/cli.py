@@ -14,6 +14,13 @@ def register(subparsers) -> None:
     """Add the detector's subcommands to ``osad``."""
     _register_evaluate(subparsers)  # first: needs nothing beyond core, so it registers even if another command cannot
     _register_train(subparsers)
+    _register_detect(subparsers)
+
+
+def _register_detect(sub) -> None:
+    from detector.service_cli import register_detect
+
+    register_detect(sub)
 
 
 # --------------------------------------------------------------------------------------------

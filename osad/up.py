@@ -25,7 +25,7 @@ from runtime.config import option, positive
 # stopped in reverse.
 PIPELINE = (
     ("featurizer", "featurizer", ["--state-dir", "{state}/featurizer"]),
-    ("detector", "detect", []),
+    ("detector", "detect", ["--models", "{state}/models"]),
     ("alerter", "alert", []),
     ("collector", "collect", ["--all"]),
 )

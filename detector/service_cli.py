@@ -1,0 +1,40 @@
+"""``osad detect``: the detector service."""
+
+from __future__ import annotations
+
+from runtime.config import add_kafka_options, option, positive
+
+
+def register_detect(sub) -> None:
+    p = sub.add_parser(
+        "detect", help="score signature windows with compressed sensing and MSCRED (service)",
+        description="Consume SignatureWindows, batch them across entities and publish one Score per window per "
+        "model: compressed sensing for every window from the first one (no training needed), and MSCRED for "
+        "windows that a checkpoint in --models matches (same features, scales, gap, step and scaling). New or "
+        "replaced checkpoints are picked up while running. Replicas in one --group share the partitions.")
+    add_kafka_options(p, group_default="osad-detector")
+    option(p, "--models", default="var/models", help="folder of MSCRED checkpoints (*.safetensors from osad train)")
+    option(p, "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where MSCRED runs (auto: CUDA if available)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16) for MSCRED on CUDA")
+    option(p, "--max-batch", type=int, default=64, check=positive, help="most windows per model call")
+    option(p, "--max-wait-ms", type=float, default=200.0, check=positive,
+           help="longest a window waits for its batch to fill")
+    option(p, "--reload-s", type=float, default=10.0, check=positive, help="how often --models is re-scanned")
+    p.add_argument("--no-cs", action="store_true", help="do not score with compressed sensing")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from runtime.config import apply_common
+    from runtime.service import run_transform
+
+    from .cs import CSScorer
+    from .service import Detector, ModelRegistry
+
+    apply_common(args)
+    device = None if args.device == "auto" else args.device
+    registry = ModelRegistry(args.models, device=device, amp=args.amp, reload_s=args.reload_s)
+    registry.scan(force=True)
+    det = Detector(None if args.no_cs else CSScorer(gap=10), registry, max_batch=args.max_batch,
+                   max_wait_ms=args.max_wait_ms)
+    return run_transform(det, args)

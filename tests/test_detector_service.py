@@ -1,0 +1,101 @@
+"""The detector as running processes on the real embedded broker."""
+
+import pytest
+
+from core.datasets import load_entity
+from runtime.broker import free_port
+from schemas import SCORES, SIGNATURES
+from tests.conftest import wait_until
+from tests.kafkautil import Proc, TopicReader, health, metric
+from tests.test_featurizer_service import expected_ends, featurizer, replay, write_ranges
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def detector(tmp_path, broker, name, models, *extra):
+    port = free_port()
+    p = Proc(["detect", "--bootstrap", broker.bootstrap, "--metrics-port", str(port), "--models", str(models),
+              "--reload-s", "0.5", "--max-wait-ms", "100", *extra], tmp_path / f"{name}.log")
+    return p, port
+
+
+def scores_by(reader, prefix):
+    got = {}
+    for s in reader.messages():
+        if s.model_id.startswith(prefix):
+            got.setdefault(s.entity_id, set()).add(s.window_end_seq)
+    return got
+
+
+def test_cs_scores_every_window_and_mscred_joins_when_a_checkpoint_appears(broker, topic_prefix, tmp_path,
+                                                                           datasets_dir):
+    asd = datasets_dir / "ASD"
+    ranges = write_ranges(tmp_path, asd, "omi-1")
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "broken.safetensors").write_bytes(b"\x00\x01 not a checkpoint")
+    f, _ = featurizer(tmp_path, broker, "f", ranges=ranges)
+    d, dport = detector(tmp_path, broker, "d", models)
+    first = load_entity(asd, "omi-1", with_test=False).train.shape[0]
+    try:
+        replay(tmp_path, broker, asd, "--entity", "omi-1", "--split", "test", "--limit", "160").run_to_end()
+        exp1 = set(expected_ends(160, first))
+        reader = TopicReader(broker.bootstrap, SCORES)
+        reader.read_until(lambda r: scores_by(reader, "cs").get("ASD/omi-1", set()) >= exp1, 180,
+                          "a compressed-sensing score for every window (cold start)")
+        assert not scores_by(reader, "mscred"), "no checkpoint yet, so no MSCRED score"
+        s = reader.messages()[0]
+        assert len(s.contributions) == 19 and s.features[0] == "f01" and s.gap == 10
+        assert "skipping checkpoint" in d.text() and "broken.safetensors" in d.text()
+        assert health(dport)["status"] == "ok"
+
+        # a checkpoint appears while the service runs: MSCRED joins without a restart
+        Proc(["train", str(asd), "--entity", "omi-1", "--epochs", "1", "--max-windows", "48", "--batch-size", "16",
+              "--out", str(models / "omi-1.safetensors"), "--quiet"], tmp_path / "train.log").run_to_end(600)
+        wait_until(lambda: metric(dport, "osad_detector_checkpoints") == 1, 60, what="the checkpoint to load")
+        replay(tmp_path, broker, asd, "--entity", "omi-1", "--split", "test", "--skip", "160", "--limit", "100",
+               name="replay2").run_to_end()
+        exp2 = {e for e in expected_ends(260, first) if e not in exp1}
+        reader.read_until(lambda r: scores_by(reader, "mscred").get("ASD/omi-1", set()) >= exp2, 180,
+                          "MSCRED scores for the windows after the checkpoint appeared")
+        ms = [x for x in reader.messages() if x.model_id.startswith("mscred")]
+        assert ms[0].threshold is not None and ms[0].threshold > 0
+        assert {"broken_w10", "broken_w30", "broken_w60"} <= set(ms[0].detail)
+        assert scores_by(reader, "cs")["ASD/omi-1"] >= exp1 | exp2
+    finally:
+        assert d.terminate() == 0
+        assert f.terminate() == 0
+
+
+def test_two_detector_replicas_split_the_work_and_score_everything(broker, topic_prefix, tmp_path, datasets_dir):
+    asd, smd = datasets_dir / "ASD", datasets_dir / "SMD"
+    ranges = write_ranges(tmp_path, asd)
+    n = 130
+    f, _ = featurizer(tmp_path, broker, "f", "--calibration-samples", "100", ranges=ranges)
+    da, pa = detector(tmp_path, broker, "da", tmp_path / "none")
+    db, pb = detector(tmp_path, broker, "db", tmp_path / "none")
+    try:
+        def split():
+            ha, hb = health(pa), health(pb)
+            if not ha or not hb:
+                return False
+            a, b = set(ha["assigned_partitions"]), set(hb["assigned_partitions"])
+            return a and b and not (a & b) and len(a | b) == SIGNATURES.default_partitions
+        wait_until(split, 90, what="both detector replicas to share the signatures topic")
+        replay(tmp_path, broker, asd, "--split", "test", "--limit", str(n)).run_to_end()
+        replay(tmp_path, broker, smd, "--split", "test", "--limit", str(n), name="r2").run_to_end()
+        want = {}
+        for ds in (asd, smd):
+            for e in sorted(p.stem for p in (ds / "train").iterdir()):
+                first = load_entity(ds, e, with_test=False).train.shape[0]
+                want[f"{ds.name}/{e}"] = set(expected_ends(n, first))
+        reader = TopicReader(broker.bootstrap, SCORES)
+        reader.read_until(lambda r: all(scores_by(reader, "cs").get(k, set()) >= v for k, v in want.items()), 300,
+                          "a score for every window of every entity")
+        done = [metric(p, "osad_detector_scores_total") or 0 for p in (pa, pb)]
+        assert all(x > 0 for x in done), f"one replica scored nothing: {done}"
+        assert sum(done) >= sum(len(v) for v in want.values())
+    finally:
+        assert da.terminate() == 0
+        assert db.terminate() == 0
+        assert f.terminate() == 0
