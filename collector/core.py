@@ -335,7 +335,7 @@ class Tracker:
             inc.exiting = True
             inc.entity.exited = True
             inc.entity.active = True
-            if not inc.entity.comm:
+            if r.comm:  # its name when it exited (after any exec)
                 inc.entity.comm = r.comm
         if self.per_thread and r.group_dead:
             p = inc.entity.parent if inc is not None else self._process_for(r.tgid, births, create=False)
@@ -412,14 +412,19 @@ class Tracker:
 
 def select(reports: list[Report], *, max_entities: int | None, comm_filter=None) -> list[Report]:
     """Reports to publish this interval: processes matching ``comm_filter`` (a compiled regex),
-    at most ``max_entities`` of them, those with the most on-CPU time first; a selected
-    process's thread reports follow it."""
+    at most ``max_entities`` of them, those with most on-CPU time first; then the thread reports
+    of the chosen processes, at most ``max_entities`` of those too, also by on-CPU time."""
+
+    def busiest(rs: list[Report]) -> list[Report]:
+        if max_entities is None or len(rs) <= max_entities:
+            return rs
+        rs = sorted(rs, key=lambda r: (r.metrics.get("on_cpu_ns", 0), r.metrics.get("syscalls", 0)), reverse=True)
+        return rs[:max_entities]
+
     procs = [r for r in reports if r.entity.tid is None]
     if comm_filter is not None:
         procs = [r for r in procs if comm_filter.search(r.entity.comm or "")]
-    if max_entities is not None and len(procs) > max_entities:
-        procs.sort(key=lambda r: (r.metrics.get("on_cpu_ns", 0), r.metrics.get("syscalls", 0)), reverse=True)
-        procs = procs[:max_entities]
+    procs = busiest(procs)
     chosen = {id(r.entity) for r in procs}
-    threads = [r for r in reports if r.entity.tid is not None and id(r.entity.parent) in chosen]
+    threads = busiest([r for r in reports if r.entity.tid is not None and id(r.entity.parent) in chosen])
     return procs + threads

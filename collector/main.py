@@ -57,7 +57,8 @@ def register_collect(sub) -> None:
                    "inside it, per process (uprobe + uretprobe); repeatable")
     option(p, "--interval", type=float, default=1.0, check=positive, help="seconds per Sample")
     option(p, "--max-processes", type=int, default=100, check=positive,
-           help="at most this many processes per interval (those with most on-CPU time first)")
+           help="at most this many processes per interval (those with most on-CPU time first); with "
+           "--threads, at most this many thread Samples too")
     option(p, "--output", default="kafka",
            help="where Samples go: kafka (the samples topic), jsonl:PATH or csv:PATH (PATH - for stdout)")
     option(p, "--duration", type=float, default=0.0, check=non_negative,

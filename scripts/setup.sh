@@ -19,7 +19,8 @@ system_setup() {
     say "no apt-get: install bcc (python3-bpfcc), kernel headers and stress-ng with your package manager"
     return 0
   fi
-  local want=(python3-bpfcc bpfcc-tools stress-ng docker-compose)
+  # gcc + libc6-dev: the collector tests and bench/collector_overhead.py build small C workloads
+  local want=(python3-bpfcc bpfcc-tools stress-ng docker-compose gcc libc6-dev)
   local krel; krel=$(uname -r)
   local missing=()
   for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -193,6 +193,9 @@ def test_select_caps_by_cpu_and_filters_by_comm():
     out = select(reps + [thread], max_entities=2, comm_filter=None)
     assert [r.entity.pid for r in out if r.entity.tid is None] == [1, 3]
     assert thread in out
+    threads = [_rep(1, c, tid=100 + c, parent=reps[1].entity) for c in (1, 7, 3)]
+    out = select(reps + threads, max_entities=2, comm_filter=None)
+    assert [r.entity.tid for r in out if r.entity.tid is not None] == [107, 103]  # threads capped too
     out = select(reps, max_entities=10, comm_filter=re.compile(r"^c[02]$"))
     assert sorted(r.entity.pid for r in out) == [0, 2]
 

@@ -254,5 +254,11 @@ def test_all_processes_capped_top_by_cpu(work):
         later = c.collect_once()
         assert len([s for s in later if "/t" not in s.entity_id]) <= 3
         assert c.events_total > 0
+        # --comm: every process is watched in kernel, only matching ones are reported
+        c.cfg.targets.comm = re.compile(r"^work$")
+        p = c.spawn([work, "burn", "50"])
+        assert p.wait(60) == 0
+        got = c.collect_once()
+        assert got and {s.comm for s in got} == {"work"} and any(s.pid == p.pid for s in got)
     finally:
         c.close()

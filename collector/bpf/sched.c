@@ -1,7 +1,7 @@
 /* osad collector, family "sched": on-CPU time, run-queue wait, voluntary and involuntary switches.
  *
  * Sources: raw tracepoint sched_switch (arguments preempt and prev_state; the task switching out
- * is the current task), tracepoints sched:sched_wakeup / sched_wakeup_new (pid of the woken task),
+ * is the current task; the sched:sched_switch tracepoint on kernels before 5.18), tracepoints sched:sched_wakeup / sched_wakeup_new (pid of the woken task),
  * and a per-CPU software clock at OSAD_TICK_HZ that credits the running task's on-CPU time so far,
  * so a task that never switches out is still counted in the interval it runs.
  *
@@ -27,8 +27,18 @@ struct cpu_slot {
     u32 exiting_tid;  /* the current task passed sched_process_exit: its counters are gone */
 };
 BPF_PERCPU_ARRAY(slot, struct cpu_slot, 1);
-/* tid -> when it became runnable. LRU: entries of tasks never seen again age out. */
-BPF_TABLE("lru_hash", u32, u64, runnable_since, OSAD_MAX_THREADS);
+/* tid -> when it became runnable (0: it has run since). One slot per thread, written in place
+ * (no allocation, no lock once it exists), deleted when the thread exits. */
+BPF_HASH(runnable_since, u32, u64, OSAD_MAX_THREADS);
+
+static __always_inline void set_runnable(u32 tid, u64 now)
+{
+    u64 *r = runnable_since.lookup(&tid);
+    if (r)
+        *r = now;
+    else
+        runnable_since.update(&tid, &now);
+}
 
 #define OSAD_TICK 0
 #define OSAD_VOLUNTARY 1
@@ -49,7 +59,7 @@ static __always_inline void account(struct cpu_slot *s, u64 id, u64 now, int kin
         u64 *r = runnable_since.lookup(&tid);
         if (r) {
             u64 since = *r;
-            runnable_since.delete(&tid);
+            *r = 0;
             if (s->start && since && since <= s->start)
                 __sync_fetch_and_add(&st->runq_wait_ns, s->start - since);
         }
@@ -60,8 +70,7 @@ static __always_inline void account(struct cpu_slot *s, u64 id, u64 now, int kin
         __sync_fetch_and_add(&st->ctx_switches_involuntary, 1);
 }
 
-/* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state) */
-RAW_TRACEPOINT_PROBE(sched_switch)
+static __always_inline int on_switch(int voluntary)
 {
     osad_event();
     int zero = 0;
@@ -69,26 +78,40 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     if (!s)
         return 0;
     u64 now = bpf_ktime_get_ns();
-    u64 id = bpf_get_current_pid_tgid();
-    int preempt = ctx->args[0] & 1;
-    u32 prev_state = (u32)ctx->args[3];
-    /* As the kernel counts nvcsw/nivcsw: voluntary = gave up the CPU in a sleeping state. */
-    int voluntary = !preempt && prev_state != 0;
+    u64 id = bpf_get_current_pid_tgid();  /* the task switching out */
     account(s, id, now, voluntary ? OSAD_VOLUNTARY : OSAD_INVOLUNTARY);
     u32 tid = (u32)id;
     if (!voluntary && tid != 0 && tid != s->exiting_tid && osad_wanted((u32)(id >> 32)))
-        runnable_since.update(&tid, &now);  /* preempted: waits on the run queue from now */
+        set_runnable(tid, now);  /* preempted: waits on the run queue from now */
     s->start = now;
     s->checked = 0;
     s->exiting_tid = 0;
     return 0;
 }
 
+#if OSAD_RAW_SWITCH
+/* Kernels >= 5.18: TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
+ * unsigned int prev_state). As the kernel counts nvcsw/nivcsw: voluntary = not preempted and
+ * leaving in a sleeping state. */
+RAW_TRACEPOINT_PROBE(sched_switch)
+{
+    int preempt = ctx->args[0] & 1;
+    u32 prev_state = (u32)ctx->args[3];
+    return on_switch(!preempt && prev_state != 0);
+}
+#else
+/* Older kernels: the tracepoint's prev_state is a report mask, TASK_REPORT_MAX (no low bits)
+ * when preempted, 0 when still running. */
+TRACEPOINT_PROBE(sched, sched_switch)
+{
+    return on_switch((args->prev_state & 0xff) != 0);
+}
+#endif
+
 static __always_inline int on_wakeup(u32 tid)
 {
     osad_event();
-    u64 now = bpf_ktime_get_ns();
-    runnable_since.update(&tid, &now);
+    set_runnable(tid, bpf_ktime_get_ns());
     return 0;
 }
 

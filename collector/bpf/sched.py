@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import platform
+import re
+
 from .family import Family
+
+
+def kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", release or platform.release())
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (major, minor)
 
 
 class Sched(Family):
@@ -11,7 +19,8 @@ class Sched(Family):
     counters = ("on_cpu_ns", "runq_wait_ns", "ctx_switches_voluntary", "ctx_switches_involuntary")
 
     def extra_defines(self) -> dict[str, str]:
-        return {"OSAD_TICK_HZ": str(self.settings.tick_hz)}
+        # sched_switch's raw tracepoint has prev_state as its 4th argument since 5.18
+        return {"OSAD_TICK_HZ": str(self.settings.tick_hz), "OSAD_RAW_SWITCH": str(int(kernel_at_least(5, 18)))}
 
     def attach(self) -> None:
         from bcc import PerfSWConfig, PerfType
