@@ -1,0 +1,193 @@
+"""MSCRED inference throughput and efficiency against this machine's own convolution speed, same run.
+
+    .venv/bin/python bench/detector.py [--features 38] [--rounds 7] [--threads N] [--gpu] [--write-docs]
+
+What it measures, interleaved round by round so a busy machine slows all figures alike:
+
+* windows/s of ``MSCREDScorer.score`` (the detector's whole path: numpy batch -> model ->
+  squared residuals -> scores, contributions, detail) at batch 1 and batch 64, CPU, float32;
+* the model's FLOPs per window (torch.utils.flop_counter.FlopCounterMode; 2 FLOPs per
+  multiply-add, convolutions and matrix products only);
+* the machine's dense convolution throughput: one large conv2d (64 x 256 x 32 x 32, 3x3,
+  256 -> 256), in both memory layouts, the faster one counted;
+* efficiency = achieved GFLOP/s (FLOPs per window x windows/s) / measured conv GFLOP/s.
+
+Medians over ``--rounds``. ``--gpu``: also windows/s on CUDA at batch 256 with bfloat16 autocast.
+``--write-docs`` replaces the "## Detector (MSCRED)" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[0] = str(ROOT)  # not bench/: its file names would shadow the packages
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from detector.base import WindowBatch  # noqa: E402
+from detector.mscred import MSCREDConfig, MSCREDScorer  # noqa: E402
+
+HEADING = "## Detector (MSCRED)"
+
+
+def windows(b: int, n: int, rng) -> WindowBatch:
+    """Signature windows of random scaled series in [0, 1] (the same arithmetic as real ones)."""
+    x = rng.random((b, 5, 3, n, n), dtype=np.float32)
+    sig = (x + np.swapaxes(x, -1, -2)) / 2
+    return WindowBatch(signatures=sig, values=np.zeros((b, 60, n), np.float32))
+
+
+def model_flops(scorer: MSCREDScorer, n: int) -> float:
+    x = torch.from_numpy(windows(1, n, np.random.default_rng(0)).signatures).to(scorer.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        scorer.model(x)
+    return float(fc.get_total_flops())
+
+
+class ConvRef:
+    """One large dense conv2d, in NCHW and channels-last; reports the faster layout's GFLOP/s."""
+
+    def __init__(self, device="cpu"):
+        self.conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device).eval()
+        self.conv_cl = torch.nn.Conv2d(256, 256, 3, padding=1).to(device).eval().to(memory_format=torch.channels_last)
+        self.x = torch.rand(64, 256, 32, 32, device=device)
+        self.x_cl = self.x.contiguous(memory_format=torch.channels_last)
+        self.flops = 2 * 64 * 32 * 32 * 256 * 256 * 9
+
+    @torch.inference_mode()
+    def measure(self) -> dict[str, float]:
+        out = {}
+        for name, conv, x in (("nchw", self.conv, self.x), ("channels_last", self.conv_cl, self.x_cl)):
+            t0 = time.perf_counter()
+            conv(x)
+            out[name] = self.flops / (time.perf_counter() - t0) / 1e9
+        return out
+
+
+def timed(fn, reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def load_avg() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--features", type=int, default=38, help="N (38 = an SMD machine)")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are reported")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: the cores this process may use)")
+    ap.add_argument("--gpu", action="store_true", help="also CUDA windows/s at batch 256, bfloat16 autocast")
+    ap.add_argument("--write-docs", action="store_true", help="write the figures into docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    n = args.features
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+
+    scorer = MSCREDScorer([f"f{i + 1:02d}" for i in range(n)], config=MSCREDConfig(n_features=n), device="cpu",
+                          threads=args.threads or None, batch_size=64)
+    threads = torch.get_num_threads()
+    flops = model_flops(scorer, n)
+    b1, b64 = windows(1, n, rng), windows(64, n, rng)
+    ref = ConvRef()
+    # warm-up: oneDNN builds its kernels on first use of each shape
+    scorer.score(b1), scorer.score(b64), ref.measure()
+    r1, r64, conv = [], [], []
+    load_before = load_avg()
+    for r in range(args.rounds):
+        conv.append(max(ref.measure().values()))
+        r1.append(1 / timed(lambda: scorer.score(b1), 8))
+        r64.append(64 / timed(lambda: scorer.score(b64), 1))
+        conv.append(max(ref.measure().values()))
+        print(f"round {r + 1}/{args.rounds}: batch 1 {r1[-1]:.1f}, batch 64 {r64[-1]:.1f} windows/s, "
+              f"conv {conv[-1]:.0f} GFLOP/s", file=sys.stderr)
+    load_after = load_avg()
+    med = statistics.median
+    conv_g = med(conv)
+    rows = []
+    for name, rates in (("CPU fp32, batch 1", r1), ("CPU fp32, batch 64", r64)):
+        w = med(rates)
+        achieved = w * flops / 1e9
+        rows.append((name, f"{w:.1f}", f"{min(rates):.1f}-{max(rates):.1f}", f"{achieved:.0f}",
+                     f"{100 * achieved / conv_g:.0f}%"))
+
+    gpu_line = ""
+    if args.gpu:
+        if not torch.cuda.is_available():
+            gpu_line = "GPU: --gpu given but torch sees no CUDA device; skipped"
+        else:
+            g = MSCREDScorer(scorer.features, config=MSCREDConfig(n_features=n), device="cuda", amp=True,
+                             batch_size=256)
+            g.model.load_state_dict(scorer.model.state_dict())
+            b256 = windows(256, n, rng)
+            g.score(b256)
+            torch.cuda.synchronize()
+            rates = []
+            for _ in range(args.rounds):
+                rates.append(256 / timed(lambda: g.score(b256), 3))
+            w = med(rates)
+            rows.append((f"GPU bf16 autocast, batch 256 ({torch.cuda.get_device_name()})", f"{w:.0f}",
+                         f"{min(rates):.0f}-{max(rates):.0f}", f"{w * flops / 1e9:.0f}", "n/a"))
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cmd = "python bench/detector.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [
+        f"MSCRED, N = {n} features, 3 scales, step 5; {flops / 1e9:.2f} GFLOP per window (FlopCounterMode).",
+        f"Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads; load average "
+        f"{load_before} before, {load_after} after (other work was running: figures are medians of "
+        f"{args.rounds} interleaved rounds).",
+        f"Dense conv2d reference (64x256x32x32, 3x3, 256->256, faster layout): {conv_g:.0f} GFLOP/s median "
+        f"({min(conv):.0f}-{max(conv):.0f}).",
+        "",
+        "| path | windows/s (median) | range | achieved GFLOP/s | efficiency vs conv2d |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *[f"| {' | '.join(r)} |" for r in rows],
+    ]
+    if gpu_line:
+        lines.append("")
+        lines.append(gpu_line)
+    table = "\n".join(lines)
+    print(table)
+    if args.write_docs:
+        write_docs(table, cmd)
+    return 0
+
+
+def write_docs(table: str, cmd: str) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = (f"{HEADING}\n\nMeasured with `{cmd.strip()}` ({time.strftime('%Y-%m-%d')}); the figures below are "
+               f"its output.\n\n{table}\n")
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == HEADING), None)
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        text = "".join(lines[:start]) + section + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path.relative_to(ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
