@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,7 +63,8 @@ def register_collect(sub) -> None:
     option(p, "--output", default="kafka",
            help="where Samples go: kafka (the samples topic), jsonl:PATH or csv:PATH (PATH - for stdout)")
     option(p, "--duration", type=float, default=0.0, check=non_negative,
-           help="stop after this many seconds (0: until interrupted, or until the watched command exits)")
+           help="stop after this many seconds (0: until interrupted, or until the watched command exits); "
+           "a --command still running then is terminated")
     option(p, "--host", default=socket.gethostname(), help="host name used in entity ids")
     p.add_argument("--require-ebpf", action="store_true",
                    help="fail instead of falling back to /proc sampling when eBPF cannot be used")
@@ -109,6 +111,7 @@ class EbpfBackend:
         except FamilyLoadError as e:
             raise EbpfUnavailable(f"the BPF programs did not load: {e}") from None
         self.settings = settings
+        self._warned: set[str] = set()
         self.by_name = {f.name: f for f in self.families}
         self.proc = self.by_name["proc"]
         self.mem = self.by_name.get("mem")
@@ -150,12 +153,25 @@ class EbpfBackend:
         return snap
 
     def poll(self) -> list[Report]:
-        reports, orphans, rss_orphans = self.tracker.ingest(self.snapshot())
+        snap = self.snapshot()
+        self._check_capacity(snap)
+        reports, orphans, rss_orphans = self.tracker.ingest(snap)
         for name, keys in orphans.items():
             self.by_name[name].delete_keys(keys)
         if rss_orphans and self.mem:
             self.mem.delete_rss(rss_orphans)
         return reports
+
+    def _check_capacity(self, snap) -> None:
+        """Say once when a map is nearly full (new entities would go uncounted)."""
+        s = self.settings
+        worst = max([len(v) for v in snap.live.values()] + [0])
+        dead = max([len(v) for v in snap.dead.values()] + [len(snap.exits)])
+        for what, n, cap in (("entities", worst, s.max_keys), ("exits per interval", dead, s.max_dead)):
+            if n >= 0.9 * cap and what not in self._warned:
+                self._warned.add(what)
+                log.warning("kernel maps are %d%% full (%d of %d %s): further ones may go uncounted; watch "
+                            "fewer processes (--pid/--comm), or shorten --interval", 100 * n // cap, n, cap, what)
 
     def events_since_last(self) -> int:
         return sum(f.events_since_last() for f in self.families)
@@ -360,10 +376,16 @@ class Collector:
         for pid in self.cfg.targets.pids:
             if self.backend.add_target(pid) is None:
                 raise TargetError(f"--pid {pid}: the process exited before it could be watched")
+        self.prime()
+        return self
+
+    def prime(self) -> None:
+        """Start the first interval now: counting began when the first program was attached (or
+        setup took a while), so drain and drop what was counted until now."""
+        self.backend.poll()
         self._last = self._t0 = time.monotonic()
         self._cpu0 = _own_cpu()
         self.backend.events_since_last()
-        return self
 
     @property
     def metric_names(self) -> list[str]:
@@ -506,6 +528,7 @@ def run_collect(args: argparse.Namespace) -> int:
             status = _serve_status(c, args.metrics_port)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, c.stop)
+        c.prime()  # opening the output (a broker connection) took time: the first interval starts now
         if spec.command:
             c.spawn(spec.command)
         log.info("collecting %s with %s every %g s -> %s", spec.describe(), c.backend.describe(), cfg.interval_s,
@@ -515,9 +538,13 @@ def run_collect(args: argparse.Namespace) -> int:
         log.error("collector failed: %s", e)
         return 1
     finally:
-        for ch in c.children:
-            if ch.poll() is None and c._stop.is_set():
+        for ch in c.children:  # a --command still running when collection stops is stopped too
+            if ch.poll() is None:
                 ch.terminate()
+                try:
+                    ch.wait(5)
+                except subprocess.TimeoutExpired:
+                    ch.kill()
         log.info("%s", c.summary())
         if status is not None:
             status.stop()

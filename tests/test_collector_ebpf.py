@@ -254,6 +254,15 @@ def test_all_processes_capped_top_by_cpu(work):
         later = c.collect_once()
         assert len([s for s in later if "/t" not in s.entity_id]) <= 3
         assert c.events_total > 0
+        # without a cap, the on-CPU time of all processes fits in the CPUs' time
+        # (a slice is credited when it ends or at the next 49 Hz tick: one tick of slack per CPU and end)
+        c.cfg.max_processes = None
+        c.collect_once()
+        time.sleep(1.0)  # a real interval
+        got = c.collect_once()
+        total = sum(s.metrics["on_cpu_ns"] for s in got if "/t" not in s.entity_id)
+        bound = os.cpu_count() * (got[0].interval_s + 2 / 49) * 1e9
+        assert 0 < total <= bound * 1.01, (total, bound)
         # --comm: every process is watched in kernel, only matching ones are reported
         c.cfg.targets.comm = re.compile(r"^work$")
         p = c.spawn([work, "burn", "50"])
