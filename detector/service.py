@@ -85,7 +85,10 @@ class ModelRegistry:
                 self._bad[p] = stamp
                 log.error("skipping checkpoint %s: %s", p, e)
                 continue
-            sid = sc.ranges.scaling_id if getattr(sc, "ranges", None) is not None else None
+            if getattr(sc, "ranges", None) is not None:
+                sid = sc.ranges.scaling_id
+            else:  # e.g. trained online on one entity's windows: only for that scaling
+                sid = (getattr(sc, "train_info", None) or {}).get("scaling_id") or None
             self.models[p] = _Model(p, stamp, sc, (tuple(sc.features), tuple(sc.scales), sc.gap, sc.step), sid)
             self._bad.pop(p, None)
             self.loaded_total += 1
@@ -113,8 +116,9 @@ class Detector(Transform):
     input = SIGNATURES
 
     def __init__(self, cs: Scorer | None, registry: ModelRegistry | None = None, max_batch: int = 64,
-                 max_wait_ms: float = 200.0, clock=time.monotonic):
+                 max_wait_ms: float = 200.0, clock=time.monotonic, trainer=None):
         self.cs = cs
+        self.trainer = trainer  # detector.online.OnlineTrainer, with --train-online
         self._cs_by_gap: dict[int, Scorer] = {}
         self.registry = registry or ModelRegistry(None)
         self.max_batch = max_batch
@@ -122,6 +126,7 @@ class Detector(Transform):
         self.clock = clock
         self.pending: list[tuple[SignatureWindow, InputMeta, float]] = []
         self._m = None
+        self._seen_done: set[str] = set()
 
     def bind_metrics(self, metrics) -> None:
         self._m = {
@@ -147,7 +152,9 @@ class Detector(Transform):
         return out
 
     def tick(self, now: float):
-        self.registry.scan()
+        self.registry.scan(force=bool(self.trainer and self.trainer.done - self._seen_done))
+        if self.trainer:
+            self._seen_done = set(self.trainer.done)
         if self._m:
             self._m["models"].set(len(self.registry.models))
         if self.pending and self.clock() - self.pending[0][2] >= self.max_wait_s:
@@ -188,6 +195,8 @@ class Detector(Transform):
             if m is not None:
                 by_model.setdefault(m.path, []).append(i)
                 models[m.path] = m
+            elif self.trainer is not None:
+                self.trainer.observe(w)
         for path, idx in by_model.items():
             out += self._run(models[path].scorer, [wins[i] for i in idx], signatures=True)
         return out

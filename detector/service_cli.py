@@ -21,6 +21,15 @@ def register_detect(sub) -> None:
            help="longest a window waits for its batch to fill")
     option(p, "--reload-s", type=float, default=10.0, check=positive, help="how often --models is re-scanned")
     p.add_argument("--no-cs", action="store_true", help="do not score with compressed sensing")
+    p.add_argument("--train-online", action="store_true",
+                   help="train MSCRED in the background on the first windows of entities no checkpoint matches "
+                   "(they are assumed normal) and save the model into --models")
+    option(p, "--train-windows", type=int, default=100, check=lambda v: None if v >= 20 else "must be at least 20 "
+           "(training holds out a validation tail separated by a window's span)",
+           help="windows per entity for online training")
+    option(p, "--train-epochs", type=int, default=5, check=positive, help="epochs of online training")
+    option(p, "--train-max-models", type=int, default=20, check=positive,
+           help="most entities that get an online model (each costs ~20 MB and training time)")
     p.set_defaults(func=run)
 
 
@@ -35,6 +44,12 @@ def run(args) -> int:
     device = None if args.device == "auto" else args.device
     registry = ModelRegistry(args.models, device=device, amp=args.amp, reload_s=args.reload_s)
     registry.scan(force=True)
+    trainer = None
+    if args.train_online:
+        from .online import OnlineConfig, OnlineTrainer
+
+        trainer = OnlineTrainer(args.models, OnlineConfig(args.train_windows, args.train_epochs, args.train_max_models),
+                                device=device)
     det = Detector(None if args.no_cs else CSScorer(gap=10), registry, max_batch=args.max_batch,
-                   max_wait_ms=args.max_wait_ms)
+                   max_wait_ms=args.max_wait_ms, trainer=trainer)
     return run_transform(det, args)

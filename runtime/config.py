@@ -71,7 +71,8 @@ def add_kafka_options(p: argparse.ArgumentParser, group_default: str | None = No
     """The options every Kafka-connected service has."""
     option(p, "--bootstrap", default="127.0.0.1:9092",
            help="Kafka bootstrap servers, comma-separated host:port")
-    option(p, "--topic-prefix", default="", help="prefix for every topic name (several installations on one cluster)")
+    option(p, "--topic-prefix", default="", help="prefix for every topic name and consumer group (several "
+           "installations on one cluster)")
     if group_default is not None:
         option(p, "--group", default=group_default, help="consumer group; replicas in one group share partitions")
     option(p, "--metrics-port", type=int, default=0, check=non_negative,

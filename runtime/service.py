@@ -234,11 +234,12 @@ class ServiceRunner:
         self.metrics.dead_letters.inc()
 
     # -- offsets -----------------------------------------------------------------------------
-    def _commit(self, only: set | None = None) -> None:
+    def _offsets_to_commit(self, only: set | None = None) -> dict:
+        """Flush outputs, then the offsets that may be committed (never past what state retains)."""
         from kafka.structs import OffsetAndMetadata
 
         if not self._processed:
-            return
+            return {}
         self.publisher.flush()  # raises if the broker did not take an output: then nothing is committed
         retained = self.t.retained()
         offsets = {}
@@ -249,11 +250,18 @@ class ServiceRunner:
             off = min(nxt, r) if r is not None else nxt
             if off > self._committed.get(tp, -1):
                 offsets[tp] = OffsetAndMetadata(off, "", -1)
+        return offsets
+
+    def _committed_now(self, offsets: dict) -> None:
+        for tp, om in offsets.items():
+            self._committed[tp] = om.offset
+        self.metrics.commits.inc()
+
+    def _commit(self) -> None:
+        offsets = self._offsets_to_commit()
         if offsets:
             self.consumer.commit(offsets)
-            for tp, om in offsets.items():
-                self._committed[tp] = om.offset
-            self.metrics.commits.inc()
+            self._committed_now(offsets)
 
     def _update_lag(self) -> None:
         for tp in self._assigned:
@@ -266,13 +274,17 @@ class ServiceRunner:
             self.metrics.lag.labels(partition=str(tp.partition)).set(max(0, hw - pos))
 
     # -- rebalance ---------------------------------------------------------------------------
-    def _on_revoked(self, revoked) -> None:
+    async def _on_revoked(self, revoked) -> None:
+        """Runs on the consumer's IO loop (kafka-python 3): commit with the awaitable async commit."""
         revoked = set(revoked)
         if not revoked:
             return
         try:
             self._emit(self.t.revoke({tp.partition for tp in revoked}))
-            self._commit(only=revoked)
+            offsets = self._offsets_to_commit(only=revoked)
+            if offsets:
+                await self.consumer.commit_async(offsets)
+                self._committed_now(offsets)
         except Exception:
             log.exception("%s: commit on revocation failed; the next owner re-reads from the last commit", self.t.name)
         for tp in revoked:
@@ -301,13 +313,13 @@ class ServiceRunner:
 
 
 def _Rebalance(runner: ServiceRunner):
-    from kafka import ConsumerRebalanceListener
+    from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 
-    class Listener(ConsumerRebalanceListener):
-        def on_partitions_revoked(self, revoked):
-            runner._on_revoked(revoked)
+    class Listener(AsyncConsumerRebalanceListener):
+        async def on_partitions_revoked(self, revoked):
+            await runner._on_revoked(revoked)
 
-        def on_partitions_assigned(self, assigned):
+        async def on_partitions_assigned(self, assigned):
             runner._on_assigned(assigned)
 
     return Listener()
@@ -315,9 +327,15 @@ def _Rebalance(runner: ServiceRunner):
 
 def run_transform(transform: Transform, args, group: str | None = None) -> int:
     """Run ``transform`` with the common options (``runtime.config.add_kafka_options``)."""
+    import os
+
+    group = group or getattr(args, "group", None) or f"osad-{transform.name}"
+    prefix = os.environ.get("OSAD_TOPIC_PREFIX", "")
+    if prefix and not group.startswith(prefix):
+        group = prefix + group  # installations that share a cluster share no consumer group either
     cfg = RunnerConfig(
         bootstrap=args.bootstrap,
-        group=group or getattr(args, "group", None) or f"osad-{transform.name}",
+        group=group,
         metrics_port=getattr(args, "metrics_port", 0) or 0,
     )
     return ServiceRunner(transform, cfg).run()

@@ -99,3 +99,36 @@ def test_two_detector_replicas_split_the_work_and_score_everything(broker, topic
         assert da.terminate() == 0
         assert db.terminate() == 0
         assert f.terminate() == 0
+
+
+def test_train_online_adds_mscred_for_an_entity_without_checkpoint(broker, topic_prefix, tmp_path):
+    import math
+
+    from schemas import SAMPLES, Sample, encode
+    from kafka import KafkaProducer
+
+    models = tmp_path / "models"
+    f, _ = featurizer(tmp_path, broker, "f", "--calibration-samples", "50")
+    d, dport = detector(tmp_path, broker, "d", models, "--train-online", "--train-windows", "24",
+                        "--train-epochs", "2", "--no-cs")
+    prod = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5)
+
+    def send(a, b):
+        for i in range(a, b):
+            m = {f"m{k}": math.sin(i / (5 + k)) + 0.1 * k for k in range(4)}
+            s = Sample(entity_id="synthetic/e1", host="h", comm="synth", ts=float(i), interval_s=1.0, seq=i, metrics=m)
+            prod.send(SAMPLES.full_name(), key=b"synthetic/e1", value=encode(s))
+        prod.flush()
+
+    try:
+        send(0, 340)  # 25 windows: the first 24 train the model
+        wait_until(lambda: list(models.glob("online-*.safetensors")), 300, what="the online model's checkpoint")
+        wait_until(lambda: metric(dport, "osad_detector_checkpoints") == 1, 60, what="the detector to load it")
+        send(340, 400)
+        reader = TopicReader(broker.bootstrap, SCORES)
+        reader.read_until(lambda r: scores_by(reader, "mscred").get("synthetic/e1"), 120, "an online MSCRED score")
+        assert "training MSCRED online for synthetic/e1 on 24 windows" in d.text()
+    finally:
+        prod.close()
+        assert d.terminate() == 0
+        assert f.terminate() == 0
