@@ -3,7 +3,6 @@ read back from the real embedded broker."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 

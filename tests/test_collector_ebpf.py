@@ -16,7 +16,7 @@ import pytest
 
 from collector.bpf import unavailable_reason
 from collector.main import Collector, CollectorConfig, EbpfUnavailable
-from collector.procfs import read_stat, read_status
+from collector.procfs import read_status
 from collector.targets import TargetSpec
 from test_collector_workload import build_workload
 
