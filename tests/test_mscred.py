@@ -46,7 +46,7 @@ def trained():
     sig = signature_windows(x, ends)
     train, test = sig[ends < 1200], sig[ends >= 1300]
     sc = MSCREDScorer(feats, ranges=ranges, device="cpu")
-    sc.fit(batch(train), epochs=8, batch_size=16, lr=1e-3, patience=8, progress=False)
+    sc.fit(batch(train), epochs=5, batch_size=16, lr=1e-3, patience=5, progress=False)
     return {"scorer": sc, "x": x, "ends": ends, "test": test, "raw": raw, "ranges": ranges}
 
 
