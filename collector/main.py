@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from runtime.config import add_kafka_options, non_negative, option, positive
 
@@ -31,6 +32,19 @@ log = logging.getLogger("osad.collector")
 
 # --------------------------------------------------------------------------------------------
 # Options
+
+def host_name() -> str:
+    """The machine's name. In a container that shares the host's pid namespace (docker-compose.yml),
+    /proc/1 is the host's init, so its root's /etc/hostname names the host rather than the container."""
+    try:
+        if os.stat("/proc/1/ns/uts").st_ino != os.stat("/proc/self/ns/uts").st_ino:
+            name = Path("/proc/1/root/etc/hostname").read_text().strip()
+            if name:
+                return name
+    except OSError:
+        pass
+    return socket.gethostname()
+
 
 def register_collect(sub) -> None:
     p = sub.add_parser(
@@ -65,7 +79,8 @@ def register_collect(sub) -> None:
     option(p, "--duration", type=float, default=0.0, check=non_negative,
            help="stop after this many seconds (0: until interrupted, or until the watched command exits); "
            "a --command still running then is terminated")
-    option(p, "--host", default=socket.gethostname(), help="host name used in entity ids")
+    option(p, "--host", default="", help="host name used in entity ids (empty: this host's name; in a container "
+           "with the host's pid namespace, the host's, not the container's)")
     p.add_argument("--require-ebpf", action="store_true",
                    help="fail instead of falling back to /proc sampling when eBPF cannot be used")
     add_kafka_options(p)
@@ -510,7 +525,7 @@ def run_collect(args: argparse.Namespace) -> int:
     if args.follow_children and not spec.kernel_filter:
         log.warning("--follow-children applies to --pid/--command only; ignored")
     cfg = CollectorConfig(targets=spec, interval_s=args.interval, per_thread=args.threads, probes=probes,
-                          max_processes=args.max_processes, require_ebpf=args.require_ebpf, host=args.host)
+                          max_processes=args.max_processes, require_ebpf=args.require_ebpf, host=args.host or host_name())
     c = Collector(cfg)
     try:
         c.start()
