@@ -33,6 +33,22 @@ log = logging.getLogger("osad.collector")
 # --------------------------------------------------------------------------------------------
 # Options
 
+def descendants(pids) -> list[int]:
+    """Every living descendant of ``pids`` (from /proc parent links)."""
+    children: dict[int, list[int]] = {}
+    for p in list_pids():
+        st = read_stat(p)
+        if st is not None:
+            children.setdefault(st.ppid, []).append(p)
+    out, todo = [], list(pids)
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            if c not in out:
+                out.append(c)
+                todo.append(c)
+    return out
+
+
 def host_name() -> str:
     """The machine's name. In a container that shares the host's pid namespace (docker-compose.yml),
     /proc/1 is the host's init, so its root's /etc/hostname names the host rather than the container."""
@@ -391,6 +407,9 @@ class Collector:
         for pid in self.cfg.targets.pids:
             if self.backend.add_target(pid) is None:
                 raise TargetError(f"--pid {pid}: the process exited before it could be watched")
+        if self.cfg.targets.follow_children:  # children that exist already (new ones are followed as they fork)
+            for pid in descendants(self.cfg.targets.pids):
+                self.backend.add_target(pid)
         self.prime()
         return self
 

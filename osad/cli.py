@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "featurizer.cli",
     "detector.cli",
     "alerter.cli",
+    "osad.workload",
 )
 
 
