@@ -61,11 +61,11 @@ def _grimshaw_w(y: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.mean(1.0 / s, axis=1) * (1.0 + np.mean(np.log(s), axis=1)) - 1.0
 
 
-def _roots(y: np.ndarray, lo: float, hi: float, n_grid: int = 256, iters: int = 80) -> list[float]:
-    """Roots of u v - 1 in (lo, hi): sign changes on a grid, then bisection."""
-    if not (hi > lo):
+def _roots(y: np.ndarray, grid: np.ndarray, iters: int = 80) -> list[float]:
+    """Roots of u v - 1 between consecutive points of ``grid`` (sign changes, then bisection)."""
+    grid = np.sort(grid)
+    if grid.size < 2:
         return []
-    grid = np.linspace(lo, hi, n_grid)
     w = _grimshaw_w(y, grid)
     out = []
     for i in np.nonzero(np.sign(w[:-1]) * np.sign(w[1:]) < 0)[0]:
@@ -102,9 +102,11 @@ def fit_gpd(excesses) -> tuple[float, float]:
         raise ValueError("all excesses are equal: a generalized Pareto distribution cannot be fitted")
     eps = 1e-8 / ymax
     cands = [(0.0, ymean)]  # exponential case
-    lo_neg = -1.0 / ymax + eps
-    hi_pos = 2.0 * (ymean - ymin) / (ymin * ymin) if ymin > 0 else 1e6 / ymax
-    for x in _roots(y, lo_neg, -eps) + _roots(y, eps, hi_pos):
+    # roots lie in (-1/ymax, 0) and (0, 2 (mean - min) / min^2]; log-spaced grids cover every scale
+    hi_pos = 2.0 * (ymean - ymin) / (ymin * ymin) if ymin > 0 else 1e8 / ymax
+    neg = -np.geomspace(eps, 1.0 / ymax - eps, 256)
+    pos = np.geomspace(eps, max(hi_pos, 2 * eps), 256)
+    for x in _roots(y, neg) + _roots(y, pos):
         s = 1.0 + x * y
         if (s <= 0).any():
             continue

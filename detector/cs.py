@@ -43,24 +43,25 @@ Example::
     >>> import numpy as np
     >>> from detector.base import WindowBatch
     >>> t = np.arange(60)[:, None]
-    >>> v = np.sin(2 * np.pi * t / 60 + np.arange(4)) * 0.4 + 0.5
-    >>> v[-3, :2] += 1.0  # a spike on two metrics in the newest points
-    >>> batch = WindowBatch(signatures=np.zeros((2, 0, 0, 4, 4), np.float32),
-    ...                     values=np.stack([np.sin(2 * np.pi * t / 60 + np.arange(4)) * 0.4 + 0.5, v]))
-    >>> out = CSScorer().score(batch)
-    >>> bool(out.scores[1] > 5 * out.scores[0]), out.contributions[1].argsort()[-2:].tolist()
-    (True, [1, 0])
+    >>> normal = np.sin(2 * np.pi * t / 60 + np.arange(4)) * 0.3 + 0.5
+    >>> burst = normal.copy(); burst[-4:-2, :2] += 1.0  # two metrics jump among the newest points
+    >>> values = np.stack([normal, burst])
+    >>> out = CSScorer().score(WindowBatch(np.zeros((2, 0, 3, 4, 4)), values))
+    >>> bool(out.scores[1] > 5 * out.scores[0]), sorted(out.contributions[1].argsort()[-2:].tolist())
+    (True, [0, 1])
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from detector.base import Scorer, ScoreBatch, WindowBatch
 
-__all__ = ["CSScorer", "basis_pursuit_dct", "dct_matrix", "sbd_matrix", "group_labels", "group_basis",
+__all__ = ["CSScorer", "CalibratedCSScorer", "basis_pursuit_dct", "dct_matrix", "sbd_matrix", "group_labels",
+           "group_labels_batch", "group_basis", "group_bases",
            "lesinn_outlier_scores", "sampling_mask", "BPResult"]
 
 
@@ -68,6 +69,11 @@ __all__ = ["CSScorer", "basis_pursuit_dct", "dct_matrix", "sbd_matrix", "group_l
 
 def dct_matrix(n: int) -> np.ndarray:
     """Orthonormal DCT-II matrix D [n, n]: ``D @ x`` is the DCT of x, ``D.T @ c`` its inverse (IDCT)."""
+    return _dct_matrix(int(n)).copy()
+
+
+@functools.lru_cache(maxsize=128)
+def _dct_matrix(n: int) -> np.ndarray:
     k = np.arange(n)[:, None]
     i = np.arange(n)[None, :]
     d = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
@@ -83,10 +89,11 @@ def group_basis(labels) -> np.ndarray:
     members and ``G.T`` inverts it; a singleton keeps its value.
     """
     labels = np.asarray(labels).reshape(-1)
-    g = np.zeros((labels.size, labels.size))
-    for lab in np.unique(labels):
+    g = np.eye(labels.size)
+    uniq, counts = np.unique(labels, return_counts=True)
+    for lab in uniq[counts > 1]:
         m = np.nonzero(labels == lab)[0]
-        g[np.ix_(m, m)] = dct_matrix(m.size)
+        g[np.ix_(m, m)] = _dct_matrix(m.size)
     return g
 
 
@@ -98,6 +105,8 @@ def sbd_matrix(values: np.ndarray) -> np.ndarray:
     ``SBD = 1 - max_w CC_w / (||x|| ||y||)`` on z-normalised series, cross-correlation by FFT
     (Paparrizos & Gravano, SIGMOD 2015). A constant metric has no shape: distance 1 to all others.
     """
+    import torch
+
     v = np.asarray(values, dtype=np.float64)
     if v.ndim == 2:
         v = v[None]
@@ -107,13 +116,13 @@ def sbd_matrix(values: np.ndarray) -> np.ndarray:
     flat = (sd < 1e-9 * np.maximum(1.0, np.abs(v).max(axis=1, keepdims=True)))[:, 0, :]  # [B, N]
     z = z / np.where(sd > 0, sd, 1.0)
     nfft = 1 << int(np.ceil(np.log2(2 * t - 1)))
-    f = np.fft.rfft(z, nfft, axis=1)  # [B, F, N]
+    f = torch.fft.rfft(torch.as_tensor(z, dtype=torch.float32).transpose(1, 2), nfft)  # [B, N, F]
     out = np.empty((b, n, n))
-    chunk = max(1, int(2e7 // (n * n * nfft)))
+    chunk = max(1, int(4e7 // (n * n * nfft)))
     for s in range(0, b, chunk):
         fc = f[s: s + chunk]
-        cc = np.fft.irfft(fc[:, :, :, None] * np.conj(fc[:, :, None, :]), nfft, axis=1).max(axis=1)
-        out[s: s + chunk] = 1.0 - cc / t  # ||z||^2 = t after z-normalisation
+        cc = torch.fft.irfft(fc[:, :, None, :] * fc[:, None, :, :].conj(), nfft).amax(dim=-1)
+        out[s: s + chunk] = 1.0 - cc.double().numpy() / t  # ||z||^2 = t after z-normalisation
     bad = flat[:, :, None] | flat[:, None, :]
     out[bad] = 1.0
     idx = np.arange(n)
@@ -123,16 +132,50 @@ def sbd_matrix(values: np.ndarray) -> np.ndarray:
 
 def group_labels(sbd: np.ndarray, threshold: float = 0.01, method: str = "average") -> np.ndarray:
     """Agglomerative clustering of one SBD matrix [N, N] cut at ``threshold``: labels [N] (0-based)."""
+    return group_labels_batch(np.asarray(sbd)[None], threshold, method)[0]
+
+
+def group_labels_batch(sbd: np.ndarray, threshold: float = 0.01, method: str = "average") -> np.ndarray:
+    """Agglomerative clustering (``method`` linkage, cut at distance ``threshold``) of each SBD
+    matrix [B, N, N]: labels [B, N], numbered by first member.
+
+    Fast path, exact: a cluster of average (or complete/single) linkage at cut t lies inside one
+    connected component of the graph "distance <= t" (the single-linkage clusters), so components
+    of one or two metrics are final and only larger ones go to scipy's hierarchical clustering.
+    """
     from scipy.cluster.hierarchy import fcluster, linkage
 
-    n = sbd.shape[0]
-    if n == 1:
-        return np.zeros(1, np.int64)
     d = np.asarray(sbd, dtype=np.float64)
-    d = 0.5 * (d + d.T)
-    iu = np.triu_indices(n, 1)
-    lab = fcluster(linkage(d[iu], method=method), t=threshold, criterion="distance")
-    return (lab - 1).astype(np.int64)
+    d = 0.5 * (d + np.swapaxes(d, 1, 2))
+    b, n, _ = d.shape
+    reach = (d <= threshold).astype(np.float32)  # includes the diagonal
+    for _ in range(int(np.ceil(np.log2(max(n, 2))))):  # transitive closure by repeated squaring
+        reach = (np.matmul(reach, reach) > 0).astype(np.float32)
+    comp = reach.argmax(axis=2)  # first member of each metric's component
+    labels = comp.copy()
+    sizes = np.stack([np.bincount(c, minlength=n) for c in comp]) if b else np.zeros((0, n), int)
+    for w, root in zip(*np.nonzero(sizes > 2)):
+        members = np.nonzero(comp[w] == root)[0]
+        sub = d[w][np.ix_(members, members)]
+        lab = fcluster(linkage(sub[np.triu_indices(members.size, 1)], method=method), t=threshold,
+                       criterion="distance")
+        for c in np.unique(lab):
+            mem = members[lab == c]
+            labels[w, mem] = mem[0]
+    # renumber 0.. by first member
+    out = np.empty_like(labels)
+    for w in range(b):
+        _, out[w] = np.unique(labels[w], return_inverse=True)
+    return out.astype(np.int64)
+
+
+def group_bases(labels: np.ndarray) -> np.ndarray:
+    """:func:`group_basis` for each row of ``labels`` [B, N]: [B, N, N] (identity fast path)."""
+    b, n = labels.shape
+    out = np.broadcast_to(np.eye(n), (b, n, n)).copy()
+    for w in np.nonzero(np.array([np.unique(lab).size < n for lab in labels]))[0] if b else []:
+        out[w] = group_basis(labels[w])
+    return out
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -197,11 +240,11 @@ def sampling_mask(outlier: np.ndarray, m: int, unit_u: np.ndarray, pick_u: np.nd
 class BPResult:
     x_hat: np.ndarray  # [B, T, N] reconstruction (equals the samples where sampled)
     coef: np.ndarray  # [B, T, N] 2-D DCT coefficients v
-    iterations: int
-    converged: np.ndarray  # [B] bool
+    iterations: np.ndarray  # [B] iterations each window took
+    converged: np.ndarray  # [B] bool: reached tol before max_iter
 
 
-def basis_pursuit_dct(values, mask, bases=None, *, max_iter: int = 400, tol: float = 1e-4, lam_rel: float = 0.5,
+def basis_pursuit_dct(values, mask, bases=None, *, max_iter: int = 400, tol: float = 3e-4, lam_rel: float = 0.5,
                       alpha: float = 1.6, dtype: str = "float32", device: str = "cpu", check_every: int = 10) -> BPResult:
     """Batched basis pursuit in a 2-D DCT basis by ADMM.
 
@@ -219,60 +262,122 @@ def basis_pursuit_dct(values, mask, bases=None, *, max_iter: int = 400, tol: flo
     Alternating Direction Method of Multipliers", 2011, section 6.2 "basis pursuit") with
     over-relaxation ``alpha`` then alternates that projection with soft thresholding at
     ``lam = lam_rel * mean|V_0|`` (any lam > 0 converges to the same minimiser; it only sets the
-    speed). Stops when, for every window, primal and dual residuals fall below ``tol`` relative
-    to ``||V||`` (checked every ``check_every`` iterations), or after ``max_iter``. The returned
+    speed). Each window stops on its own when its primal and dual residuals fall below ``tol``
+    relative to ``||V||`` (checked every ``check_every`` iterations), or after ``max_iter``, and
+    leaves the batch, so its result does not depend on the windows batched with it. The returned
     reconstruction is the feasible iterate (exact at the samples).
     """
     import torch
 
     tdt = {"float32": torch.float32, "float64": torch.float64}[dtype]
-    y = torch.as_tensor(np.asarray(values), dtype=tdt, device=device)
-    if y.ndim != 3:
-        raise ValueError(f"values must be [B, T, N], got shape {tuple(y.shape)}")
-    b, t, n = y.shape
-    mk = torch.as_tensor(np.asarray(mask, dtype=bool), device=device)
-    if mk.ndim == 2:
-        mk = mk[:, :, None]
-    mk = mk.expand(b, t, n)
+    vals = np.asarray(values)
+    if vals.ndim != 3:
+        raise ValueError(f"values must be [B, T, N], got shape {vals.shape}")
+    b, t, n = vals.shape
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape not in ((b, t), (b, t, n)):
+        raise ValueError(f"mask must be [B, T] or [B, T, N] = [{b}, {t}(, {n})], got {list(mask.shape)}")
+    # Only the metrics a basis mixes need the metric transform: move them first (k_b of them in
+    # window b) and apply G to those only; the rest keep their 1-D DCT. Exact, not an approximation:
+    # an orthonormal G that leaves a row unchanged leaves that column unchanged too. Windows are
+    # solved in buckets of similar k (results do not depend on the batch, see below).
+    perm, kb = _mixing_layout(None if bases is None else np.asarray(bases, dtype=np.float64), b, n)
     d = torch.as_tensor(dct_matrix(t), dtype=tdt, device=device)
+    # metrics-major layout [B, N, T]: the time DCT is one GEMM, the mixed metrics a contiguous slice
+    xs = np.take_along_axis(vals, perm[:, None, :], axis=2).transpose(0, 2, 1)
+    ms = (mask[:, None, :] if mask.ndim == 2 else np.take_along_axis(mask, perm[:, None, :], axis=2).transpose(0, 2, 1))
+    coef = np.empty((b, n, t))
+    x_hat = np.empty((b, n, t))
+    iters = np.full(b, max_iter, np.int64)
+    conv = np.zeros(b, bool)
+    edges = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1 << 30]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = np.nonzero((kb >= lo) & (kb < hi))[0]
+        if sel.size == 0:
+            continue
+        k = int(kb[sel].max())
+        if k:
+            lead = perm[sel, :k]
+            gs = torch.as_tensor(np.asarray(bases, dtype=np.float64)[sel[:, None, None], lead[:, :, None],
+                                                                     lead[:, None, :]], dtype=tdt, device=device)
+        else:
+            gs = None
+        y = torch.as_tensor(np.ascontiguousarray(xs[sel]), dtype=tdt, device=device)
+        mk = torch.as_tensor(np.ascontiguousarray(ms[sel]), device=device).expand_as(y)
+        v, xh, it, cv = _admm(y, mk, d, gs, k, max_iter, tol, lam_rel, alpha, check_every)
+        coef[sel], x_hat[sel], iters[sel], conv[sel] = v, xh, it, cv
+    inv_perm = np.argsort(perm, axis=1)[:, :, None]
+    coef = np.take_along_axis(coef, inv_perm, axis=1).transpose(0, 2, 1)
+    x_hat = np.take_along_axis(x_hat, inv_perm, axis=1).transpose(0, 2, 1)
+    return BPResult(np.ascontiguousarray(x_hat), np.ascontiguousarray(coef), iters, conv)
+
+
+def _admm(y, mk, d, g, k, max_iter, tol, lam_rel, alpha, check_every):
+    """ADMM iterations for windows in metrics-major layout y [B, N, T] (first k metrics mixed by g [B, k, k])."""
+    import torch
+
     dt = d.T.contiguous()
-    g = None if bases is None else torch.as_tensor(np.asarray(bases), dtype=tdt, device=device).expand(b, n, n)
-    gt = None if g is None else g.transpose(-1, -2).contiguous()
 
-    def fwd(x):  # signal -> coefficients: D X G^T
-        c = torch.matmul(d, x)
-        return c if g is None else torch.bmm(c, gt)
+    def fwd(x, g):  # signal -> coefficients: G X D^T (metrics-major)
+        c = torch.matmul(x, dt)
+        if g is not None:
+            c = torch.cat([torch.bmm(g, c[:, :k]), c[:, k:]], dim=1)
+        return c
 
-    def inv(c):  # coefficients -> signal: D^T C G
-        x = torch.matmul(dt, c)
-        return x if g is None else torch.bmm(x, g)
+    def inv(c, g):  # coefficients -> signal: G^T C D
+        x = torch.matmul(c, d)
+        if g is not None:
+            x = torch.cat([torch.bmm(g.transpose(1, 2), x[:, :k]), x[:, k:]], dim=1)
+        return x
 
-    y0 = torch.where(mk, y, torch.zeros_like(y))
-    z = fwd(y0)
+    b = y.shape[0]
+    # Problems are independent: each stops on its own (and leaves the batch), so a window's result
+    # does not depend on the other windows it is batched with.
+    v_out = torch.empty_like(y)
+    iters_out = torch.full((b,), max_iter, dtype=torch.int64)
+    converged = torch.zeros(b, dtype=torch.bool)
+    idx = torch.arange(b)
+    z = fwd(torch.where(mk, y, torch.zeros_like(y)), g)
     u = torch.zeros_like(z)
     lam = lam_rel * z.abs().mean(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-    converged = torch.zeros(b, dtype=torch.bool, device=device)
+    ya, mka, ga = y, mk, g
     v = z
-    it = 0
     for it in range(1, max_iter + 1):
-        v = fwd(torch.where(mk, y, inv(z - u)))  # projection onto {A v = y}
-        vr = alpha * v + (1.0 - alpha) * z
-        w = vr + u
-        z_new = torch.sign(w) * torch.clamp(w.abs() - lam, min=0.0)
+        v = fwd(torch.where(mka, ya, inv(z - u, ga)), ga)  # projection onto {A v = y}
+        w = alpha * v + (1.0 - alpha) * z + u  # over-relaxed
+        z_new = torch.sign(w) * torch.clamp(w.abs() - lam, min=0.0)  # soft threshold
         u = w - z_new
-        if it % check_every == 0 or it == max_iter:
+        if it % check_every == 0 and it < max_iter:
             scale = v.flatten(1).norm(dim=1).clamp_min(1e-12)
             r = (v - z_new).flatten(1).norm(dim=1) / scale
             s = (z_new - z).flatten(1).norm(dim=1) / scale
-            converged = (r < tol) & (s < tol)
-            z = z_new
-            if bool(converged.all()):
-                break
-        else:
-            z = z_new
-    x_hat = inv(v)
-    return BPResult(x_hat.cpu().numpy().astype(np.float64), v.cpu().numpy().astype(np.float64), it,
-                    converged.cpu().numpy())
+            done = ((r < tol) & (s < tol)).cpu()
+            if bool(done.any()):
+                dd = done.to(v.device)
+                v_out[idx[done].to(v.device)] = v[dd]
+                iters_out[idx[done]] = it
+                converged[idx[done]] = True
+                keep = ~dd
+                idx = idx[~done]
+                v, z_new, u, lam, ya, mka = v[keep], z_new[keep], u[keep], lam[keep], ya[keep], mka[keep]
+                if ga is not None:
+                    ga = ga[keep]
+                if idx.numel() == 0:
+                    break
+        z = z_new
+    if idx.numel():
+        v_out[idx.to(v.device)] = v
+    x_hat = inv(v_out, g)
+    return (v_out.cpu().double().numpy(), x_hat.cpu().double().numpy(), iters_out.numpy(), converged.numpy())
+
+
+def _mixing_layout(bases: np.ndarray | None, b: int, n: int):
+    """Per window: a metric order with the metrics that ``bases`` mixes first, and their count [B]."""
+    if bases is None:
+        return np.broadcast_to(np.arange(n), (b, n)), np.zeros(b, np.int64)
+    bases = np.broadcast_to(bases, (b, n, n))
+    mixed = np.abs(bases - np.eye(n)).max(axis=2) > 1e-12  # [B, N]
+    return np.argsort(~mixed, axis=1, kind="stable"), mixed.sum(axis=1)
 
 
 # ------------------------------------------------------------------------------------------- scorer
@@ -294,7 +399,7 @@ class CSScorer(Scorer):
     def __init__(self, gap: int = 10, sample_rate: float = 0.4, sbd_threshold: float = 0.01,
                  grouping: str = "window", lesinn_t: int = 40, lesinn_phi: int = 20, rho: float = 0.1,
                  kernel_sigma: float = 0.5, kernel_scale: float = 5.0, percentile: float = 90.0, top_k: int = 2,
-                 max_iter: int = 400, tol: float = 1e-4, seed: int = 0, dtype: str = "float32",
+                 max_iter: int = 400, tol: float = 3e-4, seed: int = 0, dtype: str = "float32",
                  device: str = "cpu"):
         if grouping not in ("window", "fit", "none"):
             raise ValueError(f"grouping must be 'window', 'fit' or 'none', got {grouping!r}")
@@ -346,8 +451,7 @@ class CSScorer(Scorer):
             if self.groups_.size != n:
                 raise ValueError(f"CSScorer was fitted on {self.groups_.size} features, got windows with {n}")
             return np.broadcast_to(group_basis(self.groups_), (b, n, n))
-        sbd = sbd_matrix(values)
-        return np.stack([group_basis(group_labels(s, self.sbd_threshold)) for s in sbd])
+        return group_bases(group_labels_batch(sbd_matrix(values), self.sbd_threshold))
 
     def reconstruct(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, BPResult]:
         """Sampling mask [B, T] and reconstruction of windows ``values`` [B, T, N]."""
@@ -368,7 +472,7 @@ class CSScorer(Scorer):
         _, x_hat, res = self.reconstruct(v)
         return self.score_residual(v, x_hat, res.iterations)
 
-    def score_residual(self, v: np.ndarray, x_hat: np.ndarray, iterations: int = 0) -> ScoreBatch:
+    def score_residual(self, v: np.ndarray, x_hat: np.ndarray, iterations=0) -> ScoreBatch:
         b, t, n = v.shape
         g = min(self.gap, t)
         r = np.abs(v - x_hat)
@@ -380,4 +484,111 @@ class CSScorer(Scorer):
             hm = k / np.sum(1.0 / top, axis=1)  # harmonic mean; 0 when any of the top k is 0
         hm = np.where(np.all(top > 0, axis=1), hm, 0.0)
         return ScoreBatch(hm.astype(np.float64), s, {"max_metric": s.max(axis=1),
-                                                     "iterations": np.full(b, float(iterations))})
+                                                     "iterations": np.broadcast_to(np.asarray(iterations, np.float64), (b,)).copy()})
+
+
+class CalibratedCSScorer(Scorer):
+    """Compressed sensing with a train-fitted normal range per metric (osad's default ``cs``).
+
+    The reconstruction is JumpStarter's, unchanged (a :class:`CSScorer` inside). What changes is
+    how residuals become a score, once :meth:`fit` has seen normal windows:
+
+    * per metric, the CS residual summary ``P90(|x - x_hat|)`` over the newest ``horizon`` rows of
+      the window is standardised by its distribution on calibration windows:
+      ``z = (a - median) / (q99 - median)`` (so 1 = the normal 99th percentile); the absolute
+      residual is kept (JumpStarter's window-relative ``- mean`` hides sustained noise);
+    * a second term sees what a within-window reconstruction cannot: how far the newest rows
+      leave the train subspace, as the per-feature PCA reconstruction error (components covering
+      ``variance`` of the train variance; Shyu et al. 2003), standardised the same way;
+    * window score = ``sum_j max(z_cs_j, 0) + pca_weight * sum_j max(z_pca_j, 0)`` (a sum over
+      metrics rather than the top-2 harmonic mean, so one broken metric counts); contributions are
+      the per-metric terms.
+
+    ``horizon`` (rows of the window the score summarises, <= T; a longer one smooths the score
+    over time from the window alone) defaults to ``gap``, the rows a window's score applies to;
+    ``pca_weight`` = 1 weighs the two standardised terms equally. Both are priors, not fitted to
+    any labels (a label-free check on injected anomalies, ``bench/cs_select.py``, agrees on the
+    horizon; see docs/evaluation.md).
+
+    Before any fit it scores exactly like :class:`CSScorer` (jump-start: no training needed).
+    """
+
+    needs_fit = False
+    uses_signatures = False
+
+    def __init__(self, horizon: int | None = None, pca_weight: float = 1.0, variance: float = 0.9,
+                 quantile: float = 0.99, floor: float = 0.01, max_calibration_windows: int = 512, **cs_options):
+        self.cs = CSScorer(**cs_options)
+        self.horizon = int(horizon) if horizon else self.cs.gap
+        self.pca_weight, self.variance = float(pca_weight), float(variance)
+        self.quantile, self.floor, self.max_calibration_windows = quantile, floor, max_calibration_windows
+        self.pca_mean_: np.ndarray | None = None
+        self.components_: np.ndarray | None = None
+        self.cs_loc_ = self.cs_scale_ = self.pca_loc_ = self.pca_scale_ = None
+
+    @property
+    def model_id(self) -> str:
+        state = "fitted" if self.cs_loc_ is not None else "unfitted"
+        return f"cs-calibrated:h={self.horizon}:w={self.pca_weight}:{state}:" + self.cs.model_id
+
+    @property
+    def fitted(self) -> bool:
+        return self.cs_loc_ is not None
+
+    def fit(self, windows: WindowBatch) -> "CalibratedCSScorer":
+        """PCA on the windows' newest ``gap`` rows (the training series), then the normal range of both
+        residual summaries on up to ``max_calibration_windows`` evenly spaced windows."""
+        if windows.size == 0:
+            raise ValueError("CalibratedCSScorer.fit: no calibration windows; give normal windows or skip fit")
+        v = np.asarray(windows.values, dtype=np.float64)
+        rows = v[:, -self.cs.gap:, :].reshape(-1, v.shape[-1])
+        self.pca_mean_ = rows.mean(axis=0)
+        _, s, vt = np.linalg.svd(rows - self.pca_mean_, full_matrices=False)
+        var = s ** 2
+        k = vt.shape[0] if var.sum() <= 0 else int(np.searchsorted(np.cumsum(var) / var.sum(), self.variance - 1e-12) + 1)
+        self.components_ = vt[: min(k, vt.shape[0])]
+        idx = np.unique(np.linspace(0, windows.size - 1, min(windows.size, self.max_calibration_windows)).astype(int))
+        a_cs, a_pca = self.summaries(*self.residuals(v[idx]))
+        self.cs_loc_, self.cs_scale_ = self._range(a_cs)
+        self.pca_loc_, self.pca_scale_ = self._range(a_pca)
+        return self
+
+    def _range(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        loc = np.median(a, axis=0)
+        return loc, np.maximum(np.quantile(a, self.quantile, axis=0) - loc, self.floor)
+
+    def residuals(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """CS residual ``|x - x_hat|`` [B, T, N] and PCA squared error per row [B, T, N] (None before fit)."""
+        v = np.asarray(values, dtype=np.float64)
+        r = np.concatenate([np.abs(v[s: s + 256] - self.cs.reconstruct(v[s: s + 256])[1])
+                            for s in range(0, v.shape[0], 256)]) if v.shape[0] else np.zeros_like(v)
+        if self.components_ is None:
+            return r, None
+        x = v - self.pca_mean_
+        e = (x - (x @ self.components_.T) @ self.components_) ** 2
+        return r, e
+
+    def summaries(self, r: np.ndarray, e: np.ndarray | None, horizon: int | None = None):
+        """Per-metric summaries over the newest ``horizon`` rows: P90 of r, mean of e."""
+        h = min(horizon or self.horizon, r.shape[1])
+        a_cs = np.percentile(r[:, -h:, :], self.cs.percentile, axis=1)
+        a_pca = None if e is None else e[:, -h:, :].mean(axis=1)
+        return a_cs, a_pca
+
+    def combine(self, a_cs: np.ndarray, a_pca: np.ndarray, pca_weight: float | None = None) -> ScoreBatch:
+        w = self.pca_weight if pca_weight is None else pca_weight
+        z_cs = np.clip((a_cs - self.cs_loc_) / self.cs_scale_, 0.0, None)
+        z_pca = np.clip((a_pca - self.pca_loc_) / self.pca_scale_, 0.0, None)
+        contrib = z_cs + w * z_pca
+        return ScoreBatch(contrib.sum(axis=1), contrib, {"cs": z_cs.sum(axis=1), "pca": z_pca.sum(axis=1)})
+
+    def score(self, windows: WindowBatch) -> ScoreBatch:
+        if not self.fitted:
+            return self.cs.score(windows)
+        v = np.asarray(windows.values, dtype=np.float64)
+        if v.shape[0] == 0:
+            return ScoreBatch(np.zeros(0), np.zeros((0, v.shape[-1])))
+        if self.components_.shape[1] != v.shape[-1]:
+            raise ValueError(f"CalibratedCSScorer was fitted on {self.components_.shape[1]} features, "
+                             f"got windows with {v.shape[-1]}; fit it again on windows of these features")
+        return self.combine(*self.summaries(*self.residuals(v)))

@@ -56,9 +56,9 @@ def make_scorer(name: str, entity: Entity, ranges: Ranges, *, gap: int = DEFAULT
                 step: int = DEFAULT_STEP, seed: int = 0, threads: int | None = None) -> Scorer:
     """A fresh scorer by name for one entity."""
     if name == "cs":
-        from detector.cs import CSScorer
+        from detector.cs import CalibratedCSScorer
 
-        return CSScorer(gap=gap, seed=seed)
+        return CalibratedCSScorer(gap=gap, seed=seed)
     if name == "cs-faithful":
         from detector.cs import CSScorer
 
@@ -89,25 +89,52 @@ def make_scorer(name: str, entity: Entity, ranges: Ranges, *, gap: int = DEFAULT
 # ------------------------------------------------------------------------------------ windows
 
 def covering_ends(n_rows: int, first_point: int, need: int, gap: int) -> np.ndarray:
-    """Window ends (indices into a series of ``n_rows``) aligned so the last row ends a window and
-    every row from ``first_point`` on lies among the ``gap`` newest rows of one window.
+    """Window ends (indices into a series of ``n_rows``) so that every row from ``first_point`` on
+    lies among the ``gap`` newest rows of a window.
 
-    Needs ``first_point >= need - 1`` rows of history before the first covered point.
+    Windows end every ``gap`` rows counted from ``first_point`` (the featurizer's grid when
+    ``first_point`` starts a block), plus one window ending at the last row when the series does not
+    end on the grid. Needs ``first_point >= need - 1`` rows of history before the first point.
     """
     if first_point < need - 1:
         raise ValueError(f"need {need - 1} rows of history before the first scored point, got {first_point}")
     last = n_rows - 1
-    k = (last - first_point) // gap  # windows before the last one
-    return last - gap * np.arange(k, -1, -1)
+    if last < first_point:
+        return np.zeros(0, np.int64)
+    ends = np.arange(first_point + gap - 1, last + 1, gap)
+    if ends.size == 0 or ends[-1] != last:
+        ends = np.r_[ends, last]
+    return ends.astype(np.int64)
 
 
 def point_windows(n_points: int, first_point: int, ends: np.ndarray, gap: int) -> np.ndarray:
-    """For each point ``first_point + i`` the index of the window whose newest ``gap`` rows hold it."""
+    """For each point ``first_point + i`` the index of the first window whose newest ``gap`` rows hold it."""
     p = first_point + np.arange(n_points)
     w = np.searchsorted(ends, p, side="left")
     if (w >= ends.size).any() or (ends[np.minimum(w, ends.size - 1)] - gap >= p).any():
         raise AssertionError("a point is not covered by any window")
     return w
+
+
+def score_points(scorer: Scorer, history: np.ndarray, series: np.ndarray, *, scales=DEFAULT_SCALES,
+                 gap: int = DEFAULT_GAP, step: int = DEFAULT_STEP, chunk: int = 256):
+    """Causal point scores [T] and contributions [T, N] of ``series`` [T, N] (scaled).
+
+    ``history`` holds the rows before it (at least ``span - 1`` of them are used). A point's score is
+    the score of the first window whose ``gap`` newest rows contain it; that window ends at most
+    ``gap - 1`` rows after the point. Returns (point_scores, point_contributions, window_scores).
+    """
+    need = span(scales, gap, step)
+    if history.shape[0] < need - 1:
+        raise ValueError(f"need {need - 1} history rows before the scored series, got {history.shape[0]}")
+    # a whole number of gap blocks of history when there is enough, so the grid sits on block boundaries
+    h = min(history.shape[0], -(-(need - 1) // gap) * gap)
+    z = np.concatenate([history[history.shape[0] - h:], series]) if h else series
+    ends = covering_ends(z.shape[0], h, need, gap)
+    pmap = point_windows(series.shape[0], h, ends, gap)
+    ws, wc = score_windows(scorer, window_batches(z, ends, with_signatures=bool(getattr(scorer, "uses_signatures", True)),
+                                                  scales=scales, gap=gap, step=step, chunk=chunk))
+    return ws[pmap], wc[pmap], ws
 
 
 def window_batches(x: np.ndarray, ends: np.ndarray, *, with_signatures: bool, scales=DEFAULT_SCALES,
@@ -119,7 +146,11 @@ def window_batches(x: np.ndarray, ends: np.ndarray, *, with_signatures: bool, sc
         e = ends[s: s + chunk]
         values = np.stack([x[i - t + 1: i + 1] for i in e]).astype(np.float32)
         if with_signatures:
-            sig = signature_windows(x, e, scales, gap, step)
+            sig = np.empty((e.size, step, len(scales), n, n), np.float32)
+            g = int(np.gcd.reduce([gap, *scales]))
+            for r in np.unique((e + 1) % g):  # signature_windows needs ends on block boundaries of its series
+                sel = (e + 1) % g == r
+                sig[sel] = signature_windows(x[r:], e[sel] - r, scales, gap, step)
         else:  # the scorer reads values only: an empty signature axis keeps WindowBatch's shape contract
             sig = np.zeros((e.size, 0, len(scales), n, n), np.float32)
         yield WindowBatch(signatures=sig, values=values)
@@ -180,15 +211,9 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
     if n_fit < need + cfg.gap or n_val < cfg.gap:
         raise ValueError(f"{ent.entity_id}: {n_train} train rows are too few to fit on {1 - cfg.val_fraction:.0%} "
                          f"and calibrate on {cfg.val_fraction:.0%} (windows need {need} rows); give more train rows")
-    # windows: fit (train head), validation (train tail, covered), test (covered, history from train)
     fit_ends = np.arange(need - 1, n_fit)
-    fit_ends = fit_ends[(fit_ends + 1) % cfg.gap == 0]
-    val_ends = covering_ends(n_train, n_fit, need, cfg.gap)
-    z_test = np.concatenate([xtr[-(need - 1):], xte])
-    test_ends = covering_ends(z_test.shape[0], need - 1, need, cfg.gap)
-    test_map = point_windows(xte.shape[0], need - 1, test_ends, cfg.gap)
+    fit_ends = fit_ends[(fit_ends + 1) % cfg.gap == 0]  # the featurizer's grid on the train head
     labels = ent.test_label
-
     result = {"entity": ent.name, "dataset": ent.dataset, "n_train": n_train, "n_fit": n_fit, "n_val": n_val,
               "n_test": int(xte.shape[0]), "anomaly_rate": float(labels.mean()), "models": {}}
     arrays = {"labels": labels}
@@ -205,11 +230,11 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
             scorer.fit(fit_batch)
         del fit_batch
         t1 = time.perf_counter()
-        val_scores, _ = score_windows(scorer, window_batches(xtr, val_ends, **kw))
+        pkw = dict(scales=cfg.scales, gap=cfg.gap, step=cfg.step)
+        _, _, val_scores = score_points(scorer, xtr[:n_fit], xtr[n_fit:], **pkw)  # held-out train tail
         thr = pot_threshold(val_scores, q=cfg.q, level=cfg.level)
-        w_scores, w_contrib = score_windows(scorer, window_batches(z_test, test_ends, **kw))
+        s, c, w_scores = score_points(scorer, xtr, xte, **pkw)
         t2 = time.perf_counter()
-        s, c = w_scores[test_map], w_contrib[test_map]
         dep = M.f1_at(s, labels, thr.value)
         best = M.best_f1(s, labels)
         r = {
@@ -219,7 +244,7 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
             "best_threshold": best["threshold"], "threshold": thr.value, "threshold_method": thr.method,
             "deployed_precision": dep["precision"], "deployed_recall": dep["recall"],
             "model_id": scorer.model_id, "fit_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3),
-            "windows_scored": int(val_ends.size + test_ends.size),
+            "windows_scored": int(val_scores.size + w_scores.size),
         }
         result["models"][mname] = r
         arrays[mname] = s
