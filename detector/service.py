@@ -45,9 +45,9 @@ class ModelRegistry:
     """MSCRED checkpoints in a folder, loaded lazily and reloaded when they change."""
 
     def __init__(self, folder: str | None, device: str | None = None, amp: bool = False, reload_s: float = 10.0,
-                 loader=None):
+                 loader=None, threads: int | None = None):
         self.folder = Path(folder) if folder else None
-        self.device, self.amp, self.reload_s = device, amp, reload_s
+        self.device, self.amp, self.reload_s, self.threads = device, amp, reload_s, threads
         self.models: dict[Path, _Model] = {}
         self._bad: dict[Path, tuple] = {}
         self._last_scan = -1e18
@@ -59,7 +59,7 @@ class ModelRegistry:
             return self._loader(path)
         from .mscred import MSCREDScorer
 
-        return MSCREDScorer.from_checkpoint(path, device=self.device, amp=self.amp)
+        return MSCREDScorer.from_checkpoint(path, device=self.device, amp=self.amp, threads=self.threads)
 
     def scan(self, now: float | None = None, force: bool = False) -> None:
         now = time.monotonic() if now is None else now

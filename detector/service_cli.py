@@ -16,6 +16,7 @@ def register_detect(sub) -> None:
     option(p, "--models", default="var/models", help="folder of MSCRED checkpoints (*.safetensors from osad train)")
     option(p, "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where MSCRED runs (auto: CUDA if available)")
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16) for MSCRED on CUDA")
+    option(p, "--threads", type=int, default=0, help="CPU threads for MSCRED (0: the cores this process may use)")
     option(p, "--max-batch", type=int, default=64, check=positive, help="most windows per model call")
     option(p, "--max-wait-ms", type=float, default=200.0, check=positive,
            help="longest a window waits for its batch to fill")
@@ -42,7 +43,8 @@ def run(args) -> int:
 
     apply_common(args)
     device = None if args.device == "auto" else args.device
-    registry = ModelRegistry(args.models, device=device, amp=args.amp, reload_s=args.reload_s)
+    registry = ModelRegistry(args.models, device=device, amp=args.amp, reload_s=args.reload_s,
+                             threads=args.threads or None)
     registry.scan(force=True)
     trainer = None
     if args.train_online:
