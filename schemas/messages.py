@@ -186,6 +186,11 @@ class Anomaly(EntityRef):
     models: list[str]
     root_causes: list[RootCause] = Field(default_factory=list)
     summary: str = ""
+    # Optional (added with the alerter; older producers leave them out):
+    max_ratio: float | None = Field(None, description="Largest score / threshold over the incident (sets severity).")
+    first_window_seq: int | None = Field(
+        None, ge=0, description="window_end_seq of the incident's first anomalous window (anomaly_id hashes it).")
+    windows_over: int | None = Field(None, ge=0, description="Windows in which some model was over its threshold.")
 
 
 class DeadLetterInfo(BaseModel):
