@@ -17,8 +17,7 @@ Layout (no pickle anywhere; torch.load is never used):
     all other metadata. Loading recomputes both, so a flipped byte or an edited header is found.
 
 The whole document is also readable without torch: ``python -c "import json,
-safetensors; print(json.loads(safetensors.safe_open('m.safetensors','np').metadata()['osad']))"``,
-or ``osad train --show m.safetensors``.
+safetensors; print(json.loads(safetensors.safe_open('m.safetensors','np').metadata()['osad']))"``.
 """
 
 from __future__ import annotations

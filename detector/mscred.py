@@ -199,6 +199,8 @@ def _lstm_cell(g: torch.Tensor, c: torch.Tensor | None, wc: torch.Tensor | None)
     updates: the gates are memory-bound, so fewer passes over them is what makes them fast.
     """
     gi, gf, go, gu = g.chunk(4, dim=1)
+    if wc is not None and wc.dtype != g.dtype:  # under autocast the gates come out in half precision
+        wc = wc.to(g.dtype)
     if c is None:  # C_{t-1} = 0: the forget gate and the input/forget peepholes drop out
         c = torch.sigmoid(gi) * torch.tanh(gu)
     elif not torch.is_grad_enabled():

@@ -73,10 +73,10 @@ def split_ends(ends: np.ndarray, val_fraction: float, guard: int) -> tuple[np.nd
     n_val = int(round(len(ends) * val_fraction))
     if val_fraction > 0 and len(ends) >= 2 * (guard + 1):
         n_val = max(n_val, 1)
-    if n_val == 0:
-        return ends, ends[:0]
     cut = len(ends) - n_val
-    return ends[: max(0, cut - guard)], ends[cut:]
+    if n_val == 0 or cut - guard < n_val:  # too few windows to hold any out: train (and calibrate) on all
+        return ends, ends[:0]
+    return ends[: cut - guard], ends[cut:]
 
 
 def _stride(n: int, max_windows: int | None) -> int:

@@ -40,7 +40,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--entity", action="append", default=[],
                    help="data-set entity to train on (e.g. machine-1-6); for JSONL input an entity_id to include "
                         "(repeatable; default: all)")
-    p.add_argument("--out", default="", help="checkpoint to write (default: mscred-<entity>.safetensors)")
+    p.add_argument("--out", default="",
+                   help="checkpoint to write: one safetensors file, weights plus a JSON metadata document in its "
+                        "header (features, scaling ranges, scales, gap, step, validation score statistics; see "
+                        "detector/checkpoint.py); no sidecar file (default: mscred-<entity>.safetensors)")
     option(p, "--epochs", type=int, default=50, check=positive, help="most training epochs")
     option(p, "--batch-size", type=int, default=32, check=positive, help="windows per optimisation step")
     option(p, "--lr", type=float, default=2e-4, check=positive, help="Adam learning rate (paper: 2e-4)")
