@@ -20,7 +20,8 @@ system_setup() {
     return 0
   fi
   # gcc + libc6-dev: the collector tests and bench/collector_overhead.py build small C workloads
-  local want=(python3-bpfcc bpfcc-tools stress-ng docker-compose gcc libc6-dev)
+  # postgresql: the alerter's store tests start a throwaway server with its initdb/pg_ctl (not the package's cluster)
+  local want=(python3-bpfcc bpfcc-tools stress-ng docker-compose gcc libc6-dev postgresql)
   local krel; krel=$(uname -r)
   local missing=()
   for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
