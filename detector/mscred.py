@@ -349,7 +349,10 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def default_threads() -> int:
-    """Threads for CPU inference: the cores this process may run on (torch's default counts all)."""
+    """Threads for CPU work: ``OMP_NUM_THREADS`` when set, else the cores this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux

@@ -44,6 +44,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint to write: one safetensors file, weights plus a JSON metadata document in its "
                         "header (features, scaling ranges, scales, gap, step, validation score statistics; see "
                         "detector/checkpoint.py); no sidecar file (default: mscred-<entity>.safetensors)")
+    p.add_argument("--write-ranges", default="", metavar="PATH",
+                   help="also write the model's scaling ranges as a featurizer ranges file (for 'osad featurizer "
+                        "--ranges PATH', so live windows are scaled exactly as the training windows were): the "
+                        "trained entities by id, and the same ranges as the default for any other")
     option(p, "--epochs", type=int, default=50, check=positive, help="most training epochs")
     option(p, "--batch-size", type=int, default=32, check=positive, help="windows per optimisation step")
     option(p, "--lr", type=float, default=2e-4, check=positive, help="Adam learning rate (paper: 2e-4)")
@@ -103,6 +107,13 @@ def run_train(args) -> int:
         fit_with_windows(scorer, data, cfg)
         out = Path(args.out) if args.out else default_out(data.source)
         content = scorer.save(out)
+        if args.write_ranges:
+            from core.signature import write_ranges_file
+
+            ids = data.source.get("entities") or [data.source["entity"]]
+            write_ranges_file(args.write_ranges, {e: data.ranges for e in ids}, default=data.ranges)
+            print(f"wrote {args.write_ranges}: scaling ranges ({data.ranges.scaling_id}) for {len(ids)} entities and "
+                  "as the default", file=sys.stderr)
     except (ValueError, OSError, CheckpointError) as e:
         print(f"osad train: {e}", file=sys.stderr)
         return 2

@@ -250,12 +250,16 @@ def test_osad_train_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     np.savetxt(tmp_path / "ds" / "train" / "m-1.txt", series(600, 4, seed=2), delimiter=",")
     out = tmp_path / "m.safetensors"
     rc = main(["train", str(tmp_path / "ds"), "--entity", "m-1", "--epochs", "2", "--max-windows", "30",
-               "--out", str(out)])
+               "--out", str(out), "--write-ranges", str(tmp_path / "ranges.json")])
     assert rc == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert "epoch 1/2" in err and "windows/s" in err
     sc = MSCREDScorer.from_checkpoint(out)
     assert sc.features == ["f01", "f02", "f03", "f04"] and sc.train_info["source"]["entity"].endswith("m-1")
+    from core.signature import read_ranges_file
+
+    ents, default = read_ranges_file(tmp_path / "ranges.json")
+    assert default.scaling_id == sc.ranges.scaling_id and list(ents) == [sc.train_info["source"]["entity"]]
     assert main(["train", str(tmp_path / "ds"), "--out", str(out)]) == 2
     assert "name one entity with --entity (one of: m-1)" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "nope"), "--entity", "x"]) == 2
