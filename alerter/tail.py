@@ -57,16 +57,35 @@ def _line(a) -> str:
             f"{a.entity_id} {a.anomaly_id[:12]} [{feats}] {a.summary}")
 
 
+class _PlainConsole:
+    """Stands in for rich's Console where rich is not installed: one line per incident."""
+
+    is_terminal = False
+
+    def print(self, table) -> None:
+        print(table)
+
+
+class _PlainView(View):
+    def table(self, title: str = ""):
+        shown = sorted(self.latest.values(), key=lambda a: (a.last_ts, a.revision), reverse=True)[: self.rows]
+        return "\n".join([title] + [_line(a) for a in shown])
+
+
 def tail(args) -> int:
     from kafka import TopicPartition
-    from rich.console import Console
 
     from runtime.kafka import BrokerUnavailable, make_consumer
     from schemas import ANOMALIES, Anomaly, WireError, decode
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 200))
+    try:
+        from rich.console import Console
+    except ImportError:  # rich makes the live table; without it, plain lines
+        console, view_cls = _PlainConsole(), _PlainView
+    else:
+        console, view_cls = Console(), View
+        if not console.is_terminal:
+            console = Console(width=max(console.width, 200))
     topic = ANOMALIES.full_name()
     deadline = time.monotonic() + args.timeout if args.timeout else None
     try:
@@ -76,7 +95,7 @@ def tail(args) -> int:
     except BrokerUnavailable as e:
         print(f"osad tail: {e}", file=sys.stderr)
         return 1
-    view = View(args.entity, args.min_severity, args.rows)
+    view = view_cls(args.entity, args.min_severity, args.rows)
     live = None
     try:
         parts = consumer.partitions_for_topic(topic)
@@ -96,6 +115,8 @@ def tail(args) -> int:
             consumer.seek_to_beginning(*tps)
         else:
             consumer.seek_to_end(*tps)
+        # "from now" also by record time: a broker may report an end offset short of a batch's last record
+        since_ms = None if args.from_beginning else int(time.time() * 1000)
         end = consumer.end_offsets(tps) if args.once and not args.timeout else None
         interactive = console.is_terminal and not args.once and not args.json
         if interactive:
@@ -104,8 +125,12 @@ def tail(args) -> int:
             live = Live(view.table(f"{topic} (Ctrl-C stops)"), console=console, refresh_per_second=4)
             live.start()
         while True:
+            got = 0
             for _tp, msgs in consumer.poll(timeout_ms=200).items():
                 for m in msgs:
+                    got += 1
+                    if since_ms is not None and m.timestamp is not None and 0 <= m.timestamp < since_ms:
+                        continue
                     try:
                         a = decode(m.value, Anomaly)
                     except WireError:
@@ -118,8 +143,8 @@ def tail(args) -> int:
                         live.update(view.table(f"{topic} (Ctrl-C stops)"))
                     elif not args.once and not args.timeout:
                         print(_line(a), flush=True)
-            if end is not None and all(consumer.position(tp) >= end[tp] for tp in tps):
-                break
+            if end is not None and not got and all(consumer.position(tp) >= end[tp] for tp in tps):
+                break  # caught up, and a poll found nothing more
             if deadline and time.monotonic() > deadline:
                 break
     except KeyboardInterrupt:
