@@ -142,11 +142,12 @@ def load_checkpoint(path, *, device=None, amp: bool = False, score_kind: str | N
     from safetensors.torch import load_file
 
     from core.signature import Ranges
-    from detector.mscred import Calibration, MSCREDConfig, MSCREDScorer, weights_hash
+    from detector.mscred import Calibration, MSCREDConfig, MSCREDScorer, pick_device, weights_hash
 
     path = Path(path)
     retrain = "re-run 'osad train' to write it again"
     meta = read_metadata(path)
+    device = pick_device(device)  # its own error (no CUDA) is not the checkpoint's fault
     try:
         cfg = MSCREDConfig.from_dict(meta["model"])
         ranges = Ranges.from_dict(meta["ranges"], where=f"checkpoint {path} ranges") if meta.get("ranges") else None

@@ -337,11 +337,17 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def pick_device(device: str | None = None) -> torch.device:
+def pick_device(device: "str | torch.device | None" = None) -> torch.device:
     """``None``/"auto": CUDA when available, else CPU."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
+    if isinstance(device, torch.device):
+        d = device
+    else:
+        try:
+            d = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device {device!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:N") from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
                          "use --device cpu")
@@ -529,6 +535,7 @@ class MSCREDScorer(Scorer):
         if self.model is None:
             self._build(MSCREDConfig(n_features=sig.shape[-1], n_scales=sig.shape[2], step=sig.shape[1]))
         val_sig = None if val is None else self._check_batch(val)
+        train_options.setdefault("amp", self.amp)
         fit_scorer(self, sig, val_sig, TrainConfig(**train_options))
         self._model_id = None
         return self

@@ -17,7 +17,6 @@ This module also turns data into training windows: a benchmark entity's train sp
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 import time
@@ -360,16 +359,6 @@ def fit_scorer(scorer, train: np.ndarray, val: np.ndarray | None, cfg: TrainConf
     st = scorer.calibration.stats[scorer.score_kind]
     _log(cfg, f"validation {scorer.score_kind} score: max {st.max:.4g}, mean {st.mean:.4g}, q99 {st.q99:.4g}; "
               f"threshold {scorer.calibration.beta} * max = {scorer.threshold:.4g}")
-
-
-def describe(meta: dict) -> str:
-    """A short human summary of a checkpoint's metadata."""
-    cal = meta.get("calibration", {}).get("stats", {})
-    kind = meta["score"]["kind"]
-    st = cal.get(kind, {})
-    return json.dumps({"features": len(meta["features"]), "scales": meta["scales"], "gap": meta["gap"],
-                       "step": meta["step"], "score": meta["score"], "val_max": st.get("max"),
-                       "content_hash": meta["content_hash"][:12]})
 
 
 def default_out(source: dict) -> Path:

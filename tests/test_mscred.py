@@ -16,7 +16,7 @@ from core.signature import Ranges, signature_windows, window_ends  # noqa: E402
 from detector.base import WindowBatch  # noqa: E402
 from detector.checkpoint import CheckpointError, load_checkpoint, read_metadata  # noqa: E402
 from detector.mscred import MSCRED, MSCREDConfig, MSCREDScorer, level_sizes  # noqa: E402
-from detector.train import TrainConfig, dataset_windows, samples_windows  # noqa: E402
+from detector.train import dataset_windows, samples_windows  # noqa: E402
 
 SCALES, GAP, STEP = (10, 30, 60), 10, 5
 
