@@ -42,8 +42,19 @@ def _repeatable(p: argparse.ArgumentParser, flag: str, *, type, help: str, metav
             raise argparse.ArgumentTypeError(str(e)) from None
     conv.__name__ = metavar
     sep = "spaces" if split == " " else f"'{split}'"
-    p.add_argument(flag, action="append", type=conv, default=default, metavar=metavar,
-                   help=f"{help} (repeatable; env {env}, several separated by {sep})")
+    p.add_argument(flag, action=_FlagsWin, type=conv, default=default, metavar=metavar,
+                   help=f"{help} (repeatable; env {env}, several separated by {sep}; flags replace the env)")
+
+
+class _FlagsWin(argparse.Action):
+    """Append, but the first flag replaces the values that came from the environment."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = getattr(namespace, "_flags_seen", set())
+        cur = [] if self.dest not in seen else list(getattr(namespace, self.dest) or [])
+        seen.add(self.dest)
+        namespace._flags_seen = seen
+        setattr(namespace, self.dest, cur + [values])
 
 
 def _severities(s: str) -> list[str]:

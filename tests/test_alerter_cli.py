@@ -128,3 +128,27 @@ def test_tail_once_shows_the_latest_revision_of_each_incident_filtered(broker, t
     # from now: nothing published since, so the timeout ends it with an empty table
     out = osad("tail", "--bootstrap", broker.bootstrap, "--once", "--timeout", "2").stdout
     assert "0 incident(s)" in out
+
+
+def test_repeatable_options_from_the_environment_and_flags_replace_them(monkeypatch):
+    from osad.cli import build_parser
+
+    monkeypatch.setenv("OSAD_THRESHOLD", "mscred=3, cs-jumpstarter=0.5")
+    monkeypatch.setenv("OSAD_WEBHOOK", "http://a.example/x http://b.example/y")
+    p = build_parser()
+    a = p.parse_args(["alert"])
+    assert a.threshold == [("mscred", 3.0), ("cs-jumpstarter", 0.5)] and len(a.webhook) == 2
+    a = p.parse_args(["alert", "--threshold", "mscred=9", "--threshold", "x=1"])
+    assert a.threshold == [("mscred", 9.0), ("x", 1.0)] and len(a.webhook) == 2
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import alerter.cli
+    import alerter.core
+    import alerter.store
+
+    for mod in (alerter.core, alerter.store, alerter.cli):
+        r = doctest.testmod(mod)
+        assert r.attempted > 0 and r.failed == 0, mod.__name__
