@@ -13,6 +13,7 @@ write is retried at the next commit.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from runtime.service import InputMeta, Output, Transform
@@ -45,6 +46,8 @@ class Alerter(Transform):
         self._unsaved_from: dict[int, int] = {}  # partition -> oldest offset whose effect is not in the store
         self._m = None
         self._seen: dict = {}
+        # the runner may call revoke/retained from the consumer's IO thread during a rebalance
+        self._lock = threading.RLock()
 
     def bind_metrics(self, metrics) -> None:
         self._m = {
@@ -60,31 +63,35 @@ class Alerter(Transform):
 
     # -- transform ---------------------------------------------------------------------------
     def process(self, msg: Score, meta: InputMeta):
-        self._partition[msg.entity_id] = meta.partition
-        self._unsaved_from.setdefault(meta.partition, meta.offset)
-        return self._out(self.engine.observe(msg, self.clock()))
+        with self._lock:
+            self._partition[msg.entity_id] = meta.partition
+            self._unsaved_from.setdefault(meta.partition, meta.offset)
+            return self._out(self.engine.observe(msg, self.clock()))
 
     def tick(self, now: float):
-        out = self.engine.tick(now)
-        if now - self._last_sweep >= self.sweep_every_s:
-            self._last_sweep = now
-            out += self._sweep(now)
-        self._export()
-        return self._out(out)
+        with self._lock:
+            out = self.engine.tick(now)
+            if now - self._last_sweep >= self.sweep_every_s:
+                self._last_sweep = now
+                out += self._sweep(now)
+            self._export()
+            return self._out(out)
 
     def retained(self) -> dict[int, int]:
         """Called by the runner once every output so far is acknowledged: persist, then nothing is retained."""
-        return {} if self.checkpoint() else dict(self._unsaved_from)
+        with self._lock:
+            return {} if self.checkpoint() else dict(self._unsaved_from)
 
     def revoke(self, partitions: set[int]):
-        gone = [e for e, p in self._partition.items() if p in partitions]
-        self._unsaved_states.update(self.engine.take_dirty())  # written by the checkpoint that follows
-        self.engine.drop(gone)  # the next owner loads them from the store
-        for e in gone:
-            del self._partition[e]
-        for p in partitions:
-            self._unsaved_from.pop(p, None)
-        return ()
+        with self._lock:
+            gone = [e for e, p in self._partition.items() if p in partitions]
+            self._unsaved_states.update(self.engine.take_dirty())  # written by the checkpoint that follows
+            self.engine.drop(gone)  # the next owner loads them from the store
+            for e in gone:
+                del self._partition[e]
+            for p in partitions:
+                self._unsaved_from.pop(p, None)
+            return ()
 
     def close(self):
         return ()  # open incidents stay open: their state is persisted by the final commit
@@ -100,6 +107,10 @@ class Alerter(Transform):
     # -- persistence -------------------------------------------------------------------------
     def checkpoint(self) -> bool:
         """Hand new anomalies to the sinks and write states and anomalies to the store. False if the store failed."""
+        with self._lock:
+            return self._checkpoint()
+
+    def _checkpoint(self) -> bool:
         to_sinks, self._to_sinks = self._to_sinks, []
         for a in to_sinks:
             for s in self.sinks:
