@@ -79,7 +79,7 @@ def _register_evaluate(sub) -> None:
     option(p, "--q", type=float, default=1e-3, check=lambda v: None if 0 < v < 1 else "must be in (0, 1)",
            help="POT risk: probability that a normal window exceeds the threshold")
     option(p, "--seed", type=int, default=0, help="seed of every random draw (sampling, random baseline)")
-    option(p, "--threads", type=int, default=0, help="torch threads per process (0: cores / jobs)")
+    option(p, "--threads", type=int, default=0, help="torch threads per process (0: 1; parallelism comes from --jobs)")
     option(p, "--limit-train", type=int, default=0, help="use only the last N train rows (0: all; quick runs)")
     option(p, "--limit-test", type=int, default=0, help="use only the first N test rows (0: all; quick runs)")
     option(p, "--fit-option", default="", help="KEY=VALUE[,KEY=VALUE] passed to fit() of mscred (e.g. epochs=5)")

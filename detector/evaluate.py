@@ -295,7 +295,9 @@ def evaluate(root, models, entities=None, jobs: int = 1, out=None, cfg: EvalConf
     if unknown:
         raise ValueError(f"{root}: no entity {', '.join(unknown)}; entities: {', '.join(all_names)}")
     jobs = max(1, min(int(jobs), len(names)))
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // jobs)
+    # one torch thread per process by default: the solver's matrices are small, and on a shared
+    # machine intra-op threads contend (bench/cs.py: 2 threads on a loaded 2-core box ran 5x slower)
+    threads = cfg.threads or 1
     cfg = EvalConfig(**{**cfg.__dict__, "threads": threads})
     tasks = [(str(root), n, list(models), cfg) for n in names]
     results: list[dict] = []
