@@ -77,10 +77,15 @@ class Alerter(Transform):
             self._export()
             return self._out(out)
 
-    def retained(self) -> dict[int, int]:
-        """Called by the runner once every output so far is acknowledged: persist, then nothing is retained."""
+    def acknowledged(self) -> None:
+        """Every anomaly so far is on the topic: write state and anomalies to the store now."""
         with self._lock:
-            return {} if self.checkpoint() else dict(self._unsaved_from)
+            self._saved = self.checkpoint()
+
+    def retained(self) -> dict[int, int]:
+        """Nothing once the store has everything; else the Scores not yet saved are read again after a restart."""
+        with self._lock:
+            return {} if getattr(self, "_saved", False) else dict(self._unsaved_from)
 
     def revoke(self, partitions: set[int]):
         with self._lock:

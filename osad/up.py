@@ -26,7 +26,7 @@ from runtime.config import option, positive
 PIPELINE = (
     ("featurizer", "featurizer", ["--state-dir", "{state}/featurizer"]),
     ("detector", "detect", ["--models", "{state}/models"]),
-    ("alerter", "alert", []),
+    ("alerter", "alert", ["--store", "sqlite:///{state}/alerter/anomalies.db"]),
     ("collector", "collect", ["--all"]),
 )
 

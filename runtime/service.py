@@ -77,6 +77,10 @@ class Transform(ABC):
         """Called after each poll (also when idle): flush batches, evict idle state."""
         return ()
 
+    def acknowledged(self) -> None:
+        """Every output so far is acknowledged by the broker and input offsets are about to be
+        committed: persist state that must survive a restart here (then :meth:`retained`)."""
+
     def retained(self) -> dict[int, int]:
         """Per input partition, the oldest offset the in-memory state still needs (re-read it after a
         restart). Stateless transforms keep nothing."""
@@ -241,6 +245,7 @@ class ServiceRunner:
         if not self._processed:
             return {}
         self.publisher.flush()  # raises if the broker did not take an output: then nothing is committed
+        self.t.acknowledged()
         retained = self.t.retained()
         offsets = {}
         for tp, nxt in self._processed.items():

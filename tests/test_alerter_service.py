@@ -17,6 +17,12 @@ FEATS = ["on_cpu_ns", "rss_anon_bytes", "net_tx_bytes", "syscalls"]
 ENTITY = "host/42@1234"
 
 
+
+def ack(al):
+    """What the runner does before committing: outputs acknowledged, then ask what is retained."""
+    al.acknowledged()
+    return al.retained()
+
 def score(i, value, model="cs-jumpstarter:v1", hot=1):
     """Window i of ENTITY; feature ``hot`` carries most of the contribution."""
     contrib = [0.1, 0.1, 0.1, 0.1]
@@ -48,7 +54,7 @@ def test_state_is_persisted_after_acknowledgement_and_a_restart_resumes_it(tmp_p
     assert [a.status for a in opened] == ["open"]
     store = open_store(url, readonly=True)
     assert store.count() == 0  # nothing is written before the runner says the outputs are acknowledged
-    assert al.retained() == {}  # the runner's hook: persist, retain nothing
+    assert ack(al) == {}  # the runner's hooks: persist, then retain nothing
     assert store.get(opened[0].anomaly_id).status == "open"
     assert store.load_state(ENTITY)["incident"]["anomaly_id"] == opened[0].anomaly_id
     al.shutdown()
@@ -61,7 +67,7 @@ def test_state_is_persisted_after_acknowledgement_and_a_restart_resumes_it(tmp_p
     assert {a.anomaly_id for a in out} == {opened[0].anomaly_id} and [a.revision for a in out] == [1, 2]
     assert al2.engine.counters["calibrated"] == 0 and al2.engine.counters["duplicate"] == 1
     assert out[-1].root_causes[0].feature == "rss_anon_bytes"
-    al2.retained()
+    ack(al2)
     assert store.get(opened[0].anomaly_id).revision == 2 and store.count() == 1
     al2.shutdown()
     store.close()
@@ -84,11 +90,11 @@ def test_a_failed_store_write_retains_offsets_and_is_retried(tmp_path):
     store = FlakyStore(open_store(f"sqlite:///{tmp_path}/f.db"))
     al = Alerter(AlerterConfig(calibration_scores=30), store)
     run(al, normal(10), offset0=500, partition=1)
-    assert al.retained() == {1: 500}  # the runner must not commit past unsaved state
+    assert ack(al) == {1: 500}  # the runner must not commit past unsaved state
     run(al, normal(20)[10:], offset0=510, partition=1)
-    assert al.retained() == {1: 500}
+    assert ack(al) == {1: 500}
     store.down = False
-    assert al.retained() == {}
+    assert ack(al) == {}
     assert len(store.inner.load_state(ENTITY)["streams"]["cs-jumpstarter:v1"]["calib"]) == 20
 
 
@@ -98,7 +104,7 @@ def test_revoked_partitions_drop_their_entities_after_saving_them(tmp_path):
     run(al, normal(12), partition=5)
     al.revoke({5})
     assert ENTITY not in al.engine.entities
-    al.retained()
+    ack(al)
     assert len(store.load_state(ENTITY)["streams"]["cs-jumpstarter:v1"]["calib"]) == 12
 
 
