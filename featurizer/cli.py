@@ -18,6 +18,9 @@ def register(sub) -> None:
     option(p, "--state-dir", default="var/featurizer", help="folder where ranges learned by calibration are kept")
     option(p, "--calibration-samples", type=int, default=300, check=positive,
            help="samples buffered to learn an entity's ranges when none are known")
+    option(p, "--calibration-warmup", type=int, default=20, check=non_negative,
+           help="first samples of an entity left out of its calibration, at most a quarter of them (a process's "
+           "start-up is not its normal)")
     option(p, "--features", type=lambda s: [x for x in s.split(",") if x], default=None,
            help="comma-separated metric names to use as features (default: the entity's first sample's metrics)")
     option(p, "--max-fill", type=int, default=3, check=non_negative, help="longest gap (in samples) filled by carrying the last sample forward")
@@ -38,7 +41,8 @@ def run(args) -> int:
     apply_common(args)
     try:
         cfg = WindowConfig(scales=tuple(args.scales), gap=args.gap, step=args.step, max_fill=args.max_fill,
-                           calibration_samples=args.calibration_samples, idle_timeout_s=args.idle_timeout_s,
+                           calibration_samples=args.calibration_samples,
+                           calibration_warmup=args.calibration_warmup, idle_timeout_s=args.idle_timeout_s,
                            max_entities=args.max_entities, clip=args.clip)
         ranges = RangesStore(args.ranges, args.state_dir)
     except ValueError as e:

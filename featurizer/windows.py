@@ -20,8 +20,10 @@ Policy for imperfect input (per entity; ``seq`` is the Sample's consecutive inte
   sample (counted ``filled``); a longer gap restarts the entity's window, so no window spans it
   (counted ``reset``); windows resume once ``span`` consecutive samples are in.
 * **calibration**: with no known ranges, the first ``calibration_samples`` samples are buffered,
-  min-max ranges are fitted on them and persisted, then the buffered samples are processed like
-  any others (their windows are emitted too).
+  min-max ranges are fitted on them -- all but the first ``calibration_warmup`` ones (at most a
+  quarter), so a
+  process's start-up burst does not stretch its normal range -- and persisted, then the buffered
+  samples are processed like any others (their windows are emitted too).
 * **eviction**: an entity with no sample for ``idle_timeout_s`` (wall clock) is dropped, and the
   least recently seen entities are dropped when more than ``max_entities`` are live, so memory
   stays bounded with process churn.
@@ -46,6 +48,7 @@ class WindowConfig:
     step: int = DEFAULT_STEP
     max_fill: int = 3
     calibration_samples: int = 300
+    calibration_warmup: int = 20
     idle_timeout_s: float = 300.0
     max_entities: int = 10_000
     clip: float = 10.0
@@ -55,6 +58,10 @@ class WindowConfig:
             raise ValueError("gap, step and every scale must be at least 1")
         if self.calibration_samples < 2:
             raise ValueError("calibration_samples must be at least 2")
+        if self.calibration_warmup < 0:
+            raise ValueError("calibration_warmup must be 0 or more")
+        # at most a quarter of the calibration samples are left out
+        object.__setattr__(self, "calibration_warmup", min(self.calibration_warmup, self.calibration_samples // 4))
 
     @property
     def span(self) -> int:
@@ -332,7 +339,7 @@ class WindowStore:
         return out
 
     def _calibrate(self, entity_id: str, st: EntityState, entries: list) -> None:
-        data = np.array([r for _, r, _ in entries], dtype=np.float64)
+        data = np.array([r for _, r, _ in entries[self.cfg.calibration_warmup:]], dtype=np.float64)
         ranges = Ranges.fit(st.features, data, clip=self.cfg.clip)
         lo = np.where(np.isfinite(ranges.lo), ranges.lo, 0.0)
         hi = np.where(np.isfinite(ranges.hi), ranges.hi, lo)

@@ -1,0 +1,129 @@
+"""End to end on the real kernel: osad's own workload program, watched by the eBPF collector, runs
+normally, then misbehaves; the whole pipeline (collector -> featurizer -> detector -> alerter over
+the embedded broker) must open one incident per misbehaving process within 30 s, naming a fitting
+top feature, and none during a normal stretch of three minutes.
+
+Seven workloads run at once, one per fault, so the test costs one calibration and one normal
+stretch. Timeline (sample interval 0.5 s, a window every 5 samples): featurizer calibration
+(100 samples), alerter calibration (40 windows per model), three minutes of normal behaviour,
+then every workload switches to its fault.
+"""
+
+import os
+import time
+
+import pytest
+
+from runtime.broker import free_port
+from schemas import ANOMALIES, SCORES
+from tests.conftest import wait_until
+from tests.kafkautil import Proc, TopicReader, health
+
+pytestmark = [
+    pytest.mark.broker, pytest.mark.ebpf, pytest.mark.slow,
+    # Opt-in until it passes (issue 5 is open): a 7-minute run. With the compressed-sensing scorer
+    # alone, a fault's score spikes when it starts and fades once it fills the window, so debounced
+    # incidents are missed or close early. OSAD_E2E=1 runs it.
+    pytest.mark.skipif(os.environ.get("OSAD_E2E") != "1",
+                       reason="end-to-end fault run, opt-in while issue 5 is open: set OSAD_E2E=1"),
+]
+
+# fault -> metrics that fittingly explain it (the anomaly's top root-cause feature must be one)
+FAULTS = {
+    "cpu": {"on_cpu_ns", "runq_wait_ns", "ctx_switches_involuntary"},
+    "leak": {"rss_anon_bytes", "page_faults_user"},
+    "syscalls": {"syscalls", "syscall_time_ns"},
+    "forks": {"forks", "on_cpu_ns", "page_faults_user", "syscalls", "syscall_time_ns"},
+    "io": {"write_bytes", "syscall_time_ns", "syscalls"},
+    "net": {"net_tx_bytes", "net_rx_bytes", "syscall_time_ns", "syscalls"},
+    "stall": {"on_cpu_ns", "ctx_switches_voluntary", "syscalls", "syscall_time_ns", "net_tx_bytes", "net_rx_bytes",
+              "read_bytes", "syscalls_failed", "page_faults_user"},
+}
+NORMAL_STRETCH_S = 180
+DETECT_WITHIN_S = 30
+
+
+def _bpf_or_skip():
+    if os.geteuid() != 0:
+        pytest.skip("eBPF needs root (CI runs as root)")
+    from collector.bpf import unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        pytest.skip(f"eBPF cannot load here: {why}")
+
+
+def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_prefix, tmp_path):
+    _bpf_or_skip()
+    procs = []
+    try:
+        workloads = {}
+        for fault in FAULTS:
+            ctl = tmp_path / f"{fault}.mode"
+            ctl.write_text("normal")
+            w = Proc(["workload", "--control", str(ctl)], tmp_path / f"workload-{fault}.log")
+            procs.append(w)
+            workloads[w.p.pid] = (fault, ctl)
+        bs = broker.bootstrap
+        procs.append(Proc(["featurizer", "--bootstrap", bs, "--gap", "5", "--calibration-samples", "100",
+                           "--calibration-warmup", "10",
+                           "--state-dir", str(tmp_path / "state")], tmp_path / "featurizer.log"))
+        dport = free_port()
+        procs.append(Proc(["detect", "--bootstrap", bs, "--models", str(tmp_path / "models"), "--max-wait-ms", "100",
+                           "--metrics-port", str(dport)], tmp_path / "detector.log"))
+        aport = free_port()
+        procs.append(Proc(["alert", "--bootstrap", bs, "--store", f"sqlite:///{tmp_path / 'anomalies.db'}",
+                           "--calibration-scores", "40", "--open-after", "2", "--close-after", "3",
+                           "--metrics-port", str(aport)], tmp_path / "alerter.log"))
+        for port in (dport, aport):
+            wait_until(lambda: (health(port) or {}).get("status") == "ok", 120, what="services healthy")
+        pids = ",".join(str(p) for p in workloads)
+        procs.append(Proc(["collect", "--pid", pids, "--interval", "0.5", "--bootstrap", bs],
+                          tmp_path / "collector.log"))
+
+        scores = TopicReader(bs, SCORES)
+        anomalies = TopicReader(bs, ANOMALIES)
+
+        def per_pid_scores():
+            n = {}
+            for s in scores.messages():
+                n[s.pid] = n.get(s.pid, 0) + 1
+            return n
+        # calibration: the featurizer's ranges, then the alerter's 40 scores per entity (plus margin)
+        scores.read_until(lambda r: len(per_pid_scores()) == len(workloads)
+                          and min(per_pid_scores().values()) >= 45, 900, "alerter calibration on every workload")
+        # a normal stretch: no incident at all
+        t_normal = time.monotonic()
+        while time.monotonic() - t_normal < NORMAL_STRETCH_S:
+            anomalies.poll(500)
+            scores.poll(200)
+        opened = [a for a in anomalies.messages() if a.status == "open"]
+        assert not opened, f"incidents during normal behaviour: {[(a.pid, a.summary) for a in opened]}"
+
+        # every workload misbehaves now
+        t_fault = time.monotonic()
+        for pid, (fault, ctl) in workloads.items():
+            ctl.write_text(fault)
+        seen: dict[int, float] = {}
+        deadline = t_fault + DETECT_WITHIN_S
+        while time.monotonic() < deadline and len(seen) < len(workloads):
+            anomalies.poll(300)
+            for a in anomalies.messages():
+                if a.status == "open" and a.pid in workloads and a.pid not in seen:
+                    seen[a.pid] = time.monotonic() - t_fault
+        missing = {workloads[p][0] for p in workloads if p not in seen}
+        assert not missing, f"no incident within {DETECT_WITHIN_S} s for: {sorted(missing)}; found {seen}"
+        # let the incidents run a little: still one incident per process, and a fitting top feature
+        t_end = time.monotonic() + 15
+        while time.monotonic() < t_end:
+            anomalies.poll(300)
+        for pid, (fault, _) in workloads.items():
+            mine = [a for a in anomalies.messages() if a.pid == pid]
+            ids = {a.anomaly_id for a in mine}
+            assert len(ids) == 1, f"{fault}: {len(ids)} incidents instead of one"
+            latest = max(mine, key=lambda a: a.revision)
+            top = latest.root_causes[0].feature
+            assert top in FAULTS[fault], f"{fault}: top feature {top} ({[r.feature for r in latest.root_causes]})"
+    finally:
+        for p in reversed(procs):
+            p.terminate()
