@@ -41,29 +41,35 @@ HEADING = "## Detector (MSCRED)"
 # Written under the table by --write-docs: what was measured while optimising (profiles and A/B runs of
 # the variants, same process, one thread, process CPU time so that other work on the machine counts less).
 NOTES = """Reading it:
-* Windows/s is the detector's whole scoring path (`MSCREDScorer.score`: numpy in, scores, per-feature
-  contributions and per-scale broken counts out), float32. Efficiency compares the model's useful FLOPs
-  per second with what one large, well-shaped conv2d reaches on the same cores in the same run.
+* Windows/s is the detector's whole scoring path (`MSCREDScorer.score`: numpy in; scores, per-feature
+  contributions and per-scale broken counts out), float32 unless said. Efficiency compares the model's
+  FLOPs per second with what one large, well-shaped conv2d reaches on the same cores in the same run.
+  The model's FLOPs exclude work it skips (W_h * H_0 with H_0 = 0): a plain implementation that computes
+  it does 4.7 GFLOP per window; counted that way the same windows/s would read about 10% higher.
+* Batch 64 is scored as 2 slices of 32 on a thread pool, one OpenMP thread each (the default on CPU for
+  batches of at least 2 x threads); the "intra-op threads only" row is the same model with every
+  operation spread over both threads instead. Most of MSCRED's operations are small (5 x 5 to 38 x 38
+  maps, elementwise gate arithmetic), and OpenMP's fork/join per operation scales them poorly, the more
+  so when other processes hold the cores: in an earlier run at load average 2.6 the two read 36.3 and
+  21.1 windows/s (81% and 47%).
 * Where the time goes (profile, N = 38, batch 64, one thread): convolutions about 70%, the ConvLSTM
-  gate arithmetic about 15%, attention 3%, SELU 2%; the convolutions themselves run at the reference
-  conv2d's speed, so what is left is the memory-bound elementwise work.
+  gate arithmetic about 15-20%, attention 3%, SELU 2%; the convolutions run at about the reference
+  conv2d's speed, so what is left is memory-bound elementwise work.
 * What made it faster (A/B in one process, one thread, batch 64, GFLOP per CPU-second):
   - one convolution of [X_t, H_t-1] with [W_x; W_h] per step instead of W_x * X (all steps batched)
     plus W_h * H per step: 119 vs 101 (twice the reduction depth per call, no pass to add the two);
   - channels-last (NHWC) weights and activations for the levels whose maps are at least 8 x 8, NCHW for
     the 5 x 5 level: 125, against 113 all NCHW and 112 all NHWC;
   - gate updates with fused multiply-adds and in-place updates when no gradient is needed (level-1 step
-    8 ms instead of 20 ms at batch 64), SELU in place (2.47 -> 2.22 CPU-s per batch of 64);
-  - skipping W_h * H_0 (H_0 = 0) saves 10% of the ConvLSTM FLOPs (4.24 instead of 4.7 GFLOP per window).
-* Threads: the scorer uses `OMP_NUM_THREADS` when set, else every core it may run on. At batch 64 two
-  threads gave 1.9x one thread (51 vs 27 windows/s, load average 2.5). On a host where other processes
-  keep the cores busy, OpenMP's spinning threads can lose more than they gain, worst with small
-  operations: the MSCRED test file (N = 5) took 25 s with two threads and 18 s with `OMP_NUM_THREADS=1`
-  at load average 4, and 247 s with two threads at load average 9. Give the detector `--threads 1` (or
-  `OMP_NUM_THREADS=1`) on a busy host.
+    8 ms instead of 20 ms at batch 64); gate arithmetic on the [B, H, W, 4C] view of NHWC gates (tanh of
+    a gate taken as an NCHW slice of NHWC memory: 10.4 ms, on the NHWC view: 1.8 ms); SELU in place
+    (2.47 -> 2.22 CPU-s per batch of 64).
+* Threads: the scorer uses `OMP_NUM_THREADS` when set, else every core it may run on. Batch 1 cannot be
+  sliced and uses OpenMP threads; on a busy host those can lose more than they gain (the MSCRED test
+  file, N = 5, took 25 s with two threads and 18 s with `OMP_NUM_THREADS=1` at load average 4).
 * `--amp` on a CPU with AMX (this Xeon): bfloat16 autocast runs the convolutions on AMX tiles, 2-2.5x
   the fp32 windows/s; residuals move by up to about 0.006 (|R| is compared with 0.071 for theta = 0.005).
-  Off by default; the calibration statistics of a checkpoint are float32 ones.
+  Off by default; a checkpoint's calibration statistics are float32 ones.
 """
 
 
@@ -172,7 +178,8 @@ def main(argv=None) -> int:
     rows.append(("CPU bf16 autocast (--amp), batch 64", f"{w:.1f}", f"{min(rbf):.1f}-{max(rbf):.1f}",
                  f"{w * flops / 1e9:.0f}", "n/a (not fp32)"))
 
-    gpu_line = ""
+    gpu_line = ("GPU: not measured in this run (`--gpu` on a machine with CUDA adds windows/s at batch 256, "
+                "bfloat16 autocast).")
     if args.gpu:
         if not torch.cuda.is_available():
             gpu_line = "GPU: --gpu given but torch sees no CUDA device; skipped"
@@ -189,6 +196,7 @@ def main(argv=None) -> int:
             w = med(rates)
             rows.append((f"GPU bf16 autocast, batch 256 ({torch.cuda.get_device_name()})", f"{w:.0f}",
                          f"{min(rates):.0f}-{max(rates):.0f}", f"{w * flops / 1e9:.0f}", "n/a"))
+            gpu_line = ""
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -198,9 +206,11 @@ def main(argv=None) -> int:
     cmd = "python bench/detector.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"MSCRED, N = {n} features, 3 scales, step 5; {flops / 1e9:.2f} GFLOP per window (FlopCounterMode).",
+        "",
         f"Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads; load average "
         f"{load_before} before, {load_after} after (other work was running: figures are medians of "
         f"{args.rounds} interleaved rounds).",
+        "",
         f"Dense conv2d reference (64x256x32x32, 3x3, 256->256, faster layout): {conv_g:.0f} GFLOP/s median "
         f"({min(conv):.0f}-{max(conv):.0f}).",
         "",
