@@ -285,13 +285,17 @@ class ServiceRunner:
         if not revoked:
             return
         try:
-            self._emit(self.t.revoke({tp.partition for tp in revoked}))
+            # offsets first, while the state still says what it retains; then let the transform drop it
             offsets = self._offsets_to_commit(only=revoked)
             if offsets:
                 await self.consumer.commit_async(offsets)
                 self._committed_now(offsets)
         except Exception:
             log.exception("%s: commit on revocation failed; the next owner re-reads from the last commit", self.t.name)
+        try:
+            self._emit(self.t.revoke({tp.partition for tp in revoked}))
+        except Exception:
+            log.exception("%s: dropping the state of revoked partitions failed", self.t.name)
         for tp in revoked:
             self._processed.pop(tp, None)
             self._committed.pop(tp, None)
