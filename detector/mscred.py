@@ -470,8 +470,8 @@ class MSCREDScorer(Scorer):
         self.device = pick_device(device)
         self.amp = bool(amp)
         self.batch_size = int(batch_size)
-        # NHWC convolutions are 1.3-2.8x faster in oneDNN for this model's small-channel levels
-        # (measured: bench/detector.py and docs/benchmarks.md); numerically the same model.
+        # NHWC (channels-last) layout for the levels with larger maps: faster oneDNN convolutions
+        # (see MSCRED.use_channels_last and docs/benchmarks.md); numerically the same model.
         self.channels_last = bool(channels_last)
         self.train_info: dict = {}
         self.threads = int(threads) if threads else default_threads()
@@ -667,12 +667,9 @@ class MSCREDScorer(Scorer):
     def severity(self, detail: dict[str, np.ndarray], index: int) -> str:
         """Paper's severity from which scales break: only the smallest -> short, up to the middle ->
         medium, the largest too -> long; "" if none breaks."""
-        order = np.argsort(self.scales)
-        broke = [detail[f"broken_w{self.scales[k]}"][index] > 0 for k in order]
-        if not broke[0] and not any(broke):
+        broke = [detail[f"broken_w{w}"][index] > 0 for w in sorted(self.scales)]
+        if not any(broke):
             return ""
-        if broke[-1] and len(broke) > 1:
+        if len(broke) > 1 and broke[-1]:
             return "long"
-        if any(broke[1:]):
-            return "medium"
-        return "short"
+        return "medium" if any(broke[1:]) else "short"
