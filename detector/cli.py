@@ -35,7 +35,7 @@ def _register_train(sub) -> None:
         "train",
         help="train an MSCRED model on normal data and write a checkpoint",
         description="Train MSCRED (Zhang et al., AAAI 2019) on normal windows, calibrate its score on a "
-        "held-out validation period, and write a safetensors checkpoint that 'osad detector' loads.",
+        "held-out validation period, and write a safetensors checkpoint that 'osad detect' loads (--models).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_train_arguments(p)
