@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "SMD"))
+    ap.add_argument("--detect-arg", action="append", default=[], help="extra argument for osad detect (repeatable)")
     a = ap.parse_args()
 
     import torch
@@ -81,9 +82,14 @@ def main() -> int:
         prod.flush()
         prod.close()
         log = open(tmp / "detector.log", "wb")
-        p = subprocess.Popen([sys.executable, "-m", "osad", "detect", "--bootstrap", b.bootstrap, "--no-cs",
+        from runtime.broker import free_port
+
+        mport = free_port()
+        wrap = os.environ.get("OSAD_BENCH_WRAP", "").split()
+        p = subprocess.Popen([*wrap, sys.executable, "-m", "osad", "detect", "--bootstrap", b.bootstrap, "--no-cs",
                               "--models", str(tmp / "models"), "--max-batch", str(a.batch), "--max-wait-ms", "200",
-                              "--log-level", "WARNING"], stdout=log, stderr=subprocess.STDOUT,
+                              "--metrics-port", str(mport), "--log-level", "WARNING", *a.detect_arg],
+                             stdout=log, stderr=subprocess.STDOUT,
                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
         c = KafkaConsumer(bootstrap_servers=b.bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
         got, stamps = 0, []
@@ -104,7 +110,18 @@ def main() -> int:
                     decode(m.value, __import__("schemas").Score)
                     stamps.append(m.timestamp / 1000.0)
                     got += 1
-        p.terminate()
+        import urllib.request
+
+        met = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+        calls = [ln for ln in met.splitlines() if ln.startswith("osad_detector_batch_windows_count")
+                 or ln.startswith("osad_detector_model_seconds_sum")]
+        print("service: " + "; ".join(calls), file=sys.stderr)
+        if wrap:
+            import signal
+
+            p.send_signal(signal.SIGINT)  # a profiler wrapper writes its output on Ctrl-C
+        else:
+            p.terminate()
         p.wait(60)
         c.close()
     if got < len(ends):
