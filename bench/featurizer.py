@@ -42,7 +42,7 @@ class RecomputeWindow(EntityWindow):
     """Baseline: the same ring of scaled rows; every due window recomputed from them."""
 
     def push_run(self, seq0, raw, offs):
-        cfg, L, gap = self.cfg, self.cfg.span, self.cfg.gap
+        L, gap = self.cfg.span, self.cfg.gap
         z = np.clip((raw - self._lo) / self._den, -self._clip, self._clip)
         wins = []
         for i in range(raw.shape[0]):

@@ -23,8 +23,8 @@ from pathlib import Path
 from runtime.config import add_kafka_options, non_negative, option, positive
 
 from .core import Entity, Report, Tracker, select
-from .procfs import (CLK_TCK, FALLBACK_COUNTERS, FALLBACK_GAUGES, NS_PER_TICK, ProcReader, list_pids, list_tids,
-                     read_cgroup, read_io, read_schedstat, read_stat, read_status)
+from .procfs import (CLK_TCK, FALLBACK_COUNTERS, FALLBACK_GAUGES, ProcReader, list_pids, list_tids, read_cgroup,
+                     read_counters, read_stat, read_status)
 from .targets import GatedProcess, TargetError, TargetSpec
 
 log = logging.getLogger("osad.collector")
@@ -267,19 +267,8 @@ class ProcfsBackend:
         st = read_stat(pid, tid)
         if st is None or st.state in ("Z", "X"):
             return None
-        cur: dict[str, int] = {"page_faults_user": st.minflt + st.majflt}
-        ss = read_schedstat(pid, tid)
-        if ss:
-            cur["on_cpu_ns"], cur["runq_wait_ns"] = ss
-        else:
-            cur["on_cpu_ns"] = (st.utime + st.stime) * NS_PER_TICK
         status = read_status(pid, tid) or {}
-        for k in ("ctx_switches_voluntary", "ctx_switches_involuntary"):
-            if k in status:
-                cur[k] = status[k]
-        io = read_io(pid, tid)
-        if io:
-            cur["read_bytes"], cur["write_bytes"] = io
+        cur = read_counters(pid, tid, st, status)
         gauges: dict[str, int] = {}
         if tid is None:
             gauges = {k: v for k, v in status.items() if k.startswith("rss_")}

@@ -182,8 +182,10 @@ FALLBACK_COUNTERS = ("on_cpu_ns", "runq_wait_ns", "ctx_switches_voluntary", "ctx
 FALLBACK_GAUGES = ("rss_file_bytes", "rss_anon_bytes", "rss_swap_bytes", "rss_shmem_bytes", "threads")
 
 
-def read_counters(pid: int, tid: int | None = None, st: ProcStat | None = None) -> dict[str, int] | None:
-    """Cumulative counters of one process (or thread) from /proc; None if it is gone."""
+def read_counters(pid: int, tid: int | None = None, st: ProcStat | None = None,
+                  status: dict | None = None) -> dict[str, int] | None:
+    """Cumulative counters of one process (or thread) from /proc; None if it is gone.
+    ``st`` and ``status`` may be passed when the caller has read them already."""
     st = st or read_stat(pid, tid)
     if st is None:
         return None
@@ -193,7 +195,8 @@ def read_counters(pid: int, tid: int | None = None, st: ProcStat | None = None) 
         out["on_cpu_ns"], out["runq_wait_ns"] = ss
     else:
         out["on_cpu_ns"] = (st.utime + st.stime) * NS_PER_TICK
-    status = read_status(pid, tid) or {}
+    if status is None:
+        status = read_status(pid, tid) or {}
     for k in ("ctx_switches_voluntary", "ctx_switches_involuntary"):
         if k in status:
             out[k] = status[k]

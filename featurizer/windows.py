@@ -136,7 +136,7 @@ class EntityWindow:
 
     def push_run(self, seq0: int, raw: np.ndarray, offs: np.ndarray) -> list[Window]:
         """Add samples seq0, seq0+1, ... (rows of ``raw``); return the windows that fall due."""
-        cfg, L, B, gap, W = self.cfg, self.cfg.span, self.cfg.block, self.cfg.gap, self._W
+        L, B, gap, W = self.cfg.span, self.cfg.block, self.cfg.gap, self._W
         m = raw.shape[0]
         contig0 = self.contig
         last = seq0 + m - 1

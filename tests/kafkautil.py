@@ -132,3 +132,15 @@ def health(port: int) -> dict | None:
 
     code, text = http_get(port, "/healthz")
     return json.loads(text) if code in (200, 503) and text else None
+
+
+def replicas_split(ports: list[int], n_partitions: int) -> bool:
+    """True once every replica (by its /healthz) owns partitions, none twice, all covered."""
+    owned = []
+    for port in ports:
+        h = health(port)
+        if not h or not h["assigned_partitions"]:
+            return False
+        owned.append(set(h["assigned_partitions"]))
+    union = set().union(*owned)
+    return sum(len(o) for o in owned) == len(union) == n_partitions

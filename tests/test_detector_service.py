@@ -6,7 +6,7 @@ from core.datasets import load_entity
 from runtime.broker import free_port
 from schemas import SCORES, SIGNATURES
 from tests.conftest import wait_until
-from tests.kafkautil import Proc, TopicReader, health, metric
+from tests.kafkautil import Proc, TopicReader, health, metric, replicas_split
 from tests.test_featurizer_service import expected_ends, featurizer, replay, write_ranges
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -75,13 +75,8 @@ def test_two_detector_replicas_split_the_work_and_score_everything(broker, topic
     da, pa = detector(tmp_path, broker, "da", tmp_path / "none")
     db, pb = detector(tmp_path, broker, "db", tmp_path / "none")
     try:
-        def split():
-            ha, hb = health(pa), health(pb)
-            if not ha or not hb:
-                return False
-            a, b = set(ha["assigned_partitions"]), set(hb["assigned_partitions"])
-            return a and b and not (a & b) and len(a | b) == SIGNATURES.default_partitions
-        wait_until(split, 90, what="both detector replicas to share the signatures topic")
+        wait_until(lambda: replicas_split([pa, pb], SIGNATURES.default_partitions), 90,
+                   what="both detector replicas to share the signatures topic")
         replay(tmp_path, broker, asd, "--split", "test", "--limit", str(n)).run_to_end()
         replay(tmp_path, broker, smd, "--split", "test", "--limit", str(n), name="r2").run_to_end()
         want = {}

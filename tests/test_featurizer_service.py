@@ -10,7 +10,7 @@ from core.signature import Ranges, signature_windows_naive, window_ends
 from runtime.broker import free_port
 from schemas import DEADLETTER, SAMPLES, SIGNATURES, Sample, encode
 from tests.conftest import wait_until
-from tests.kafkautil import Proc, TopicReader, health, metric, produce_raw
+from tests.kafkautil import Proc, TopicReader, health, metric, produce_raw, replicas_split
 
 pytestmark = [pytest.mark.broker]
 
@@ -135,13 +135,8 @@ def test_two_replicas_split_partitions_and_together_cover_everything(broker, top
     fa, pa = featurizer(tmp_path, broker, "fa", "--calibration-samples", "100", ranges=r1)
     fb, pb = featurizer(tmp_path, broker, "fb", "--calibration-samples", "100", ranges=r1)
     try:
-        def split():
-            ha, hb = health(pa), health(pb)
-            if not ha or not hb:
-                return False
-            a, b = set(ha["assigned_partitions"]), set(hb["assigned_partitions"])
-            return a and b and not (a & b) and len(a | b) == SAMPLES.default_partitions
-        wait_until(split, 90, what="both replicas to share the samples topic's partitions")
+        wait_until(lambda: replicas_split([pa, pb], SAMPLES.default_partitions), 90,
+                   what="both replicas to share the samples topic's partitions")
         replay(tmp_path, broker, smd, "--split", "test", "--limit", str(n), name="r1").run_to_end()
         replay(tmp_path, broker, asd, "--split", "test", "--limit", str(n), name="r2").run_to_end()
         want = {}

@@ -2,25 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from ..core import Birth, ExitRecord
 from .family import Family, read_map
-
-
-@dataclass(frozen=True)
-class Birth:
-    boot_ns: int   # CLOCK_BOOTTIME ns when the task was created
-    ppid: int      # creator's tgid
-
-
-@dataclass(frozen=True)
-class ExitRecord:
-    key: int        # tgid (process mode) or tid (--threads)
-    ts: int         # CLOCK_BOOTTIME ns of the exit
-    tgid: int
-    group_dead: bool
-    birth_ns: int   # 0: born before the collector started
-    comm: str
 
 
 class Proc(Family):
