@@ -169,7 +169,7 @@ class RootCause(BaseModel):
 class Anomaly(EntityRef):
     """An incident: opened, updated while it lasts, closed. JSON on the wire, for any Kafka client.
 
-    ``anomaly_id`` is deterministic (entity, model set, first window) so a re-delivered Score
+    ``anomaly_id`` is deterministic (entity, first anomalous window) so a re-delivered Score
     can never create a second anomaly; ``revision`` grows with every update of one incident.
     """
 
