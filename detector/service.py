@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,8 +117,14 @@ class Detector(Transform):
     input = SIGNATURES
 
     def __init__(self, cs: Scorer | None, registry: ModelRegistry | None = None, max_batch: int = 64,
-                 max_wait_ms: float = 200.0, clock=time.monotonic, trainer=None):
+                 max_wait_ms: float = 200.0, clock=time.monotonic, trainer=None, cs_calibrate: int = 0,
+                 cs_max_entities: int = 10_000):
         self.cs = cs
+        # per entity: compressed sensing with its normal range learned on its first windows
+        self.cs_calibrate = cs_calibrate
+        self.cs_max_entities = cs_max_entities
+        self._cal_buf: dict[str, list[np.ndarray]] = {}
+        self._cal: "OrderedDict[str, Scorer]" = OrderedDict()
         self.trainer = trainer  # detector.online.OnlineTrainer, with --train-online
         self._cs_by_gap: dict[int, Scorer] = {}
         self.registry = registry or ModelRegistry(None)
@@ -187,7 +194,7 @@ class Detector(Transform):
             for i, w in enumerate(wins):
                 by_n.setdefault((len(w.features), w.values.shape[0], w.gap), []).append(i)
             for (_, _, gap), idx in by_n.items():
-                out += self._run(self._cs_for(gap), [wins[i] for i in idx], signatures=False)
+                out += self._score_cs(gap, [wins[i] for i in idx])
         by_model: dict[Path, list[int]] = {}
         models = {}
         for i, w in enumerate(wins):
@@ -200,6 +207,43 @@ class Detector(Transform):
         for path, idx in by_model.items():
             out += self._run(models[path].scorer, [wins[i] for i in idx], signatures=True)
         return out
+
+    def _score_cs(self, gap: int, wins: list[SignatureWindow]) -> list[Output]:
+        """Jump-start compressed sensing for entities still calibrating; afterwards each entity's own
+        calibrated scorer (fitted on its first ``cs_calibrate`` windows, assumed normal)."""
+        if not self.cs_calibrate:
+            return self._run(self._cs_for(gap), wins, signatures=False)
+        fresh = [w for w in wins if w.entity_id not in self._cal]
+        out = self._run(self._cs_for(gap), fresh, signatures=False) if fresh else []
+        by_entity: dict[str, list[SignatureWindow]] = {}
+        for w in wins:
+            if w.entity_id in self._cal:
+                by_entity.setdefault(w.entity_id, []).append(w)
+        for eid, ws in by_entity.items():
+            self._cal.move_to_end(eid)
+            out += self._run(self._cal[eid], ws, signatures=False)
+        for w in fresh:
+            buf = self._cal_buf.setdefault(w.entity_id, [])
+            if buf and buf[0].shape != w.values.shape:
+                buf.clear()  # the entity's feature set changed: start again
+            buf.append(w.values)
+            if len(buf) >= self.cs_calibrate:
+                self._fit_entity(w.entity_id, gap, self._cal_buf.pop(w.entity_id))
+        return out
+
+    def _fit_entity(self, eid: str, gap: int, values: list[np.ndarray]) -> None:
+        from .cs import CalibratedCSScorer
+
+        sc = CalibratedCSScorer(gap=gap)
+        try:
+            sc.fit(WindowBatch(np.empty((len(values), 0), np.float32), np.stack(values)))
+        except Exception as e:  # keep scoring with the jump-start scorer; say why
+            log.warning("could not calibrate compressed sensing for %s: %s", eid, e)
+            return
+        self._cal[eid] = sc
+        while len(self._cal) > self.cs_max_entities:
+            self._cal.popitem(last=False)
+        log.info("compressed sensing calibrated for %s on %d windows", eid, len(values))
 
     def _cs_for(self, gap: int) -> Scorer:
         """The compressed-sensing scorer for windows of this gap (it scores the newest gap points)."""

@@ -22,6 +22,10 @@ def register_detect(sub) -> None:
            help="longest a window waits for its batch to fill")
     option(p, "--reload-s", type=float, default=10.0, check=positive, help="how often --models is re-scanned")
     p.add_argument("--no-cs", action="store_true", help="do not score with compressed sensing")
+    option(p, "--cs-calibrate", type=int, default=30, check=lambda v: None if v == 0 or v >= 5 else "0 or at least 5",
+           help="after this many windows of an entity (assumed normal), score it with compressed sensing "
+           "calibrated on them (per-metric normal range + PCA level term; model cs-calibrated) instead of the "
+           "window-relative jump-start score (0: never)")
     p.add_argument("--train-online", action="store_true",
                    help="train MSCRED in the background on the first windows of entities no checkpoint matches "
                    "(they are assumed normal) and save the model into --models")
@@ -53,5 +57,5 @@ def run(args) -> int:
         trainer = OnlineTrainer(args.models, OnlineConfig(args.train_windows, args.train_epochs, args.train_max_models),
                                 device=device)
     det = Detector(None if args.no_cs else CSScorer(gap=10), registry, max_batch=args.max_batch,
-                   max_wait_ms=args.max_wait_ms, trainer=trainer)
+                   max_wait_ms=args.max_wait_ms, trainer=trainer, cs_calibrate=args.cs_calibrate)
     return run_transform(det, args)

@@ -70,6 +70,7 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
                            "--state-dir", str(tmp_path / "state")], tmp_path / "featurizer.log"))
         dport = free_port()
         procs.append(Proc(["detect", "--bootstrap", bs, "--models", str(tmp_path / "models"), "--max-wait-ms", "100",
+                           "--cs-calibrate", "30",
                            "--metrics-port", str(dport)], tmp_path / "detector.log"))
         aport = free_port()
         procs.append(Proc(["alert", "--bootstrap", bs, "--store", f"sqlite:///{tmp_path / 'anomalies.db'}",
@@ -87,9 +88,11 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
         def per_pid_scores():
             n = {}
             for s in scores.messages():
-                n[s.pid] = n.get(s.pid, 0) + 1
+                if s.model_id.startswith("cs-calibrated"):
+                    n[s.pid] = n.get(s.pid, 0) + 1
             return n
-        # calibration: the featurizer's ranges, then the alerter's 40 scores per entity (plus margin)
+        # calibration: the featurizer's ranges, the detector's per-entity compressed sensing (30 windows),
+        # then the alerter's 40 scores of that model per entity (plus margin)
         scores.read_until(lambda r: len(per_pid_scores()) == len(workloads)
                           and min(per_pid_scores().values()) >= 45, 900, "alerter calibration on every workload")
         # a normal stretch: no incident at all

@@ -1,0 +1,38 @@
+"""The detector transform without Kafka: per-entity calibrated compressed sensing after a jump start."""
+
+import numpy as np
+
+from detector.cs import CSScorer
+from detector.service import Detector
+from runtime.service import InputMeta
+from schemas import SignatureWindow
+
+
+def windows(x, entity="e", gap=5, T=60):
+    out = []
+    for k, end in enumerate(range(T - 1, x.shape[0], gap)):
+        v = x[end - T + 1:end + 1]
+        out.append(SignatureWindow(entity_id=entity, host="h", window_end_ts=float(end), window_end_seq=end,
+                                   interval_s=1.0, gap=gap, scales=[60], features=[f"m{i}" for i in range(x.shape[1])],
+                                   signatures=np.zeros((1, 1, x.shape[1], x.shape[1]), np.float32), values=v))
+    return out
+
+
+def test_entity_switches_to_its_calibrated_scorer_which_keeps_a_sustained_shift_visible():
+    rng = np.random.default_rng(0)
+    t = np.arange(600)[:, None]
+    latent = np.sin(t / np.array([[7.0, 11.0, 17.0]]))  # 10 correlated metrics driven by 3 signals
+    x = 0.5 + 0.1 * latent @ rng.normal(size=(3, 10)) + 0.01 * rng.normal(size=(600, 10))
+    x[500:, 2] += 1.0  # a sustained level shift of one metric from sample 500 on
+    det = Detector(CSScorer(gap=5, max_iter=200), max_batch=1, cs_calibrate=30)
+    outs = []
+    for i, w in enumerate(windows(x)):
+        outs += det.process_batch([(w, InputMeta("t", 0, i))])
+    ids = [o.msg.model_id for o in outs]
+    assert all(m.startswith("cs-jumpstarter") for m in ids[:30])
+    assert all(m.startswith("cs-calibrated") and ":fitted:" in m for m in ids[30:])
+    cal = [o.msg for o in outs[30:]]
+    normal = [s.score for s in cal if s.window_end_seq < 500]
+    shifted = [s for s in cal if s.window_end_seq >= 500 + 59]  # the shift fills the whole window
+    assert shifted and min(s.score for s in shifted) > 5 * max(normal)
+    assert all(int(np.argmax(s.contributions)) == 2 for s in shifted)
