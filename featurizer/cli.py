@@ -21,6 +21,10 @@ def register(sub) -> None:
     option(p, "--calibration-warmup", type=int, default=20, check=non_negative,
            help="first samples of an entity left out of its calibration, at most a quarter of them (a process's "
            "start-up is not its normal)")
+    option(p, "--range-floor", type=float, default=0.05,
+           check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+           help="ranges learned by calibration are at least this share of a metric's level wide (a metric that "
+           "hardly moved while calibrating is not anomalous for moving by a few pages)")
     option(p, "--features", type=lambda s: [x for x in s.split(",") if x], default=None,
            help="comma-separated metric names to use as features (default: the entity's first sample's metrics)")
     option(p, "--max-fill", type=int, default=3, check=non_negative, help="longest gap (in samples) filled by carrying the last sample forward")
@@ -42,7 +46,8 @@ def run(args) -> int:
     try:
         cfg = WindowConfig(scales=tuple(args.scales), gap=args.gap, step=args.step, max_fill=args.max_fill,
                            calibration_samples=args.calibration_samples,
-                           calibration_warmup=args.calibration_warmup, idle_timeout_s=args.idle_timeout_s,
+                           calibration_warmup=args.calibration_warmup, range_floor=args.range_floor,
+                           idle_timeout_s=args.idle_timeout_s,
                            max_entities=args.max_entities, clip=args.clip)
         ranges = RangesStore(args.ranges, args.state_dir)
     except ValueError as e:

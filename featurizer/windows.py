@@ -21,7 +21,7 @@ Policy for imperfect input (per entity; ``seq`` is the Sample's consecutive inte
   (counted ``reset``); windows resume once ``span`` consecutive samples are in.
 * **calibration**: with no known ranges, the first ``calibration_samples`` samples are buffered,
   min-max ranges are fitted on them -- all but the first ``calibration_warmup`` ones (at most a
-  quarter), so a
+  quarter), and at least ``range_floor`` (5%) of the metric's level wide, so a
   process's start-up burst does not stretch its normal range -- and persisted, then the buffered
   samples are processed like any others (their windows are emitted too).
 * **eviction**: an entity with no sample for ``idle_timeout_s`` (wall clock) is dropped, and the
@@ -49,6 +49,7 @@ class WindowConfig:
     max_fill: int = 3
     calibration_samples: int = 300
     calibration_warmup: int = 20
+    range_floor: float = 0.05
     idle_timeout_s: float = 300.0
     max_entities: int = 10_000
     clip: float = 10.0
@@ -60,6 +61,8 @@ class WindowConfig:
             raise ValueError("calibration_samples must be at least 2")
         if self.calibration_warmup < 0:
             raise ValueError("calibration_warmup must be 0 or more")
+        if not 0 <= self.range_floor < 1:
+            raise ValueError("range_floor must be in [0, 1)")
         # at most a quarter of the calibration samples are left out
         object.__setattr__(self, "calibration_warmup", min(self.calibration_warmup, self.calibration_samples // 4))
 
@@ -343,7 +346,11 @@ class WindowStore:
         ranges = Ranges.fit(st.features, data, clip=self.cfg.clip)
         lo = np.where(np.isfinite(ranges.lo), ranges.lo, 0.0)
         hi = np.where(np.isfinite(ranges.hi), ranges.hi, lo)
-        ranges = Ranges(ranges.features, lo, hi, ranges.clip)
+        # A metric that hardly moved while calibrating (RSS, thread count) gets a range of at least
+        # range_floor of its level: a change of a few pages is not an anomaly, a leak still is.
+        need = self.cfg.range_floor * np.maximum(np.abs(lo), np.abs(hi))
+        widen = np.maximum(need - (hi - lo), 0.0) / 2
+        ranges = Ranges(ranges.features, lo - widen, hi + widen, ranges.clip)
         self._sink(entity_id, ranges)
         st.window = self.window_cls(self.cfg, ranges)
         self.counters.add("calibrated")

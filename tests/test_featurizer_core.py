@@ -141,6 +141,16 @@ def test_calibration_learns_ranges_and_emits_its_windows():
     r = saved["e"]
     np.testing.assert_allclose(r.lo, X[20:200].min(0))  # the first 20 (start-up) are left out
     np.testing.assert_allclose(r.hi, X[20:200].max(0))
+    # a metric that hardly moved gets a range of at least 5% of its level
+    s2 = WindowStore(WindowConfig(calibration_samples=50), ranges_sink=lambda e, r: saved.__setitem__(e, r))
+    flat = np.column_stack([np.full(50, 1000.0), np.linspace(0, 10, 50)])
+    flat[::7, 0] += 4.0
+    feed(s2, flat, names, eid="flat")
+    rf = saved["flat"]
+    assert rf.hi[0] - rf.lo[0] == pytest.approx(0.05 * 1004.0)  # 5% of its level (1004), around it
+    assert rf.hi[0] > 1004.0 and rf.lo[0] < 1000.0
+    warm = 50 // 4  # warm-up is at most a quarter of the calibration samples
+    np.testing.assert_allclose([rf.lo[1], rf.hi[1]], [flat[warm:, 1].min(), 10.0])  # wide enough: unchanged
     ends = window_ends(500)
     assert [w.end_seq for w in wins] == list(ends)  # calibration-period windows are emitted too
     ref = signature_windows_naive(r.transform(X), ends)
