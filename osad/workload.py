@@ -3,7 +3,7 @@
 Its behaviour is set by a control file (``--control PATH``, re-read every 0.2 s) holding one mode:
 
 * ``normal``: a steady mix: a little CPU, some file reads, small allocations (freed), a few
-  loopback TCP messages, sleeps, every 0.1 s;
+  loopback TCP messages, sleeps, every 0.1 s; every mode but ``stall`` keeps doing this and adds:
 * ``cpu``: spin on the CPU;
 * ``leak``: allocate and touch memory, ~``--leak-mib-s`` MiB/s, never freed;
 * ``syscalls``: a tight loop of cheap system calls;
@@ -92,16 +92,20 @@ def run(args) -> int:
                 mode = new
             last_check = now
         i += 1
+        if mode == "stall":
+            time.sleep(0.2)
+            continue
+        # every mode but stall keeps the normal activity and adds its fault on top (a burst, not a swap)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.004:  # ~4% of a CPU
+            pass
+        with open(__file__, "rb") as f:
+            f.read(4096)
+        buf = bytearray(256 * 1024)
+        buf[::4096] = b"y" * len(buf[::4096])
+        del buf
+        sink.conn.sendall(payload[:2048])
         if mode == "normal":
-            t0 = time.perf_counter()
-            while time.perf_counter() - t0 < 0.004:  # ~4% of a CPU
-                pass
-            with open(__file__, "rb") as f:
-                f.read(4096)
-            buf = bytearray(256 * 1024)
-            buf[::4096] = b"y" * len(buf[::4096])
-            del buf
-            sink.conn.sendall(payload[:2048])
             time.sleep(0.1)
         elif mode == "cpu":
             t0 = time.perf_counter()
@@ -136,6 +140,4 @@ def run(args) -> int:
             for _ in range(max(1, int(args.net_mib_s * MIB / 10 / len(payload)))):
                 sink.conn.sendall(payload)
             time.sleep(0.1)
-        else:  # stall
-            time.sleep(0.2)
     return 0
