@@ -171,12 +171,16 @@ class Family:
         return {int(k): (int(v.tgid), self.counters_of(v)) for k, v in read_map(self.bpf[b"stats"])}
 
     def delete_keys(self, keys) -> None:
-        t = self.bpf[b"stats"]
-        for k in keys:
-            try:
-                del t[t.Key(k)]
-            except KeyError:
-                pass
+        delete_map_keys(self.bpf[b"stats"], keys)
+
+
+def delete_map_keys(table, keys) -> None:
+    """Delete ``keys`` from a BPF hash map; keys already gone are fine."""
+    for k in keys:
+        try:
+            del table[table.Key(k)]
+        except KeyError:
+            pass
 
 
 _BATCH_OK: dict[int, bool] = {}

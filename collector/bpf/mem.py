@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .family import Family, read_map
+from .family import Family, delete_map_keys, read_map
 
 # kmem:rss_stat member index -> metric name
 RSS_KINDS = ("rss_file_bytes", "rss_anon_bytes", "rss_swap_bytes", "rss_shmem_bytes")
@@ -22,9 +22,4 @@ class Mem(Family):
         return out
 
     def delete_rss(self, tgids) -> None:
-        t = self.bpf[b"rss"]
-        for k in tgids:
-            try:
-                del t[t.Key(k)]
-            except KeyError:
-                pass
+        delete_map_keys(self.bpf[b"rss"], tgids)
