@@ -97,6 +97,7 @@ def register(sub) -> None:
     _register_alert(sub)
     _register_anomalies(sub)
     _register_tail(sub)
+    _register_report(sub)
 
 
 # -- osad alert ----------------------------------------------------------------------------------
@@ -354,8 +355,7 @@ def _register_tail(sub) -> None:
     p = sub.add_parser("tail", help="watch anomalies arrive on the topic (live table)",
                        description="Read the anomalies topic without a consumer group (from now, or from the "
                        "beginning) and show a live table of incidents, one row each (its latest revision).")
-    option(p, "--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
-    option(p, "--topic-prefix", default="", help="prefix for every topic name")
+    _topic_options(p)
     p.add_argument("--from-beginning", action="store_true", help="also show anomalies published before now")
     p.add_argument("--entity", type=_argtype(_regex), default=None, help="only entity ids matching this regex")
     p.add_argument("--min-severity", choices=SEVERITIES, default="low", help="hide anomalies below this severity")
@@ -366,6 +366,12 @@ def _register_tail(sub) -> None:
     p.add_argument("--rows", type=_argtype(_positive_int), default=30, help="most rows shown (most recent first)")
     p.add_argument("--json", action="store_true", help="print each matching anomaly state as one JSON line instead")
     p.set_defaults(func=run_tail)
+
+
+def _topic_options(p: argparse.ArgumentParser) -> None:
+    """--bootstrap and --topic-prefix, for the commands that read topics without a consumer group."""
+    option(p, "--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
+    option(p, "--topic-prefix", default="", help="prefix for every topic name")
 
 
 def _regex(s: str):
@@ -388,3 +394,69 @@ def run_tail(args) -> int:
     if args.topic_prefix:
         os.environ["OSAD_TOPIC_PREFIX"] = args.topic_prefix
     return tail(args)
+
+
+# -- osad report ---------------------------------------------------------------------------------
+
+_REPORT_EXAMPLES = """examples:
+  osad report                                         # list the entities that have data (exit 2)
+  osad report 'web-1/4242@887123' --out report.png
+  osad report 'web-1/4242@887123' --out report.html --since 2h --until 15m
+  osad report 'SMD/machine-1-1' --out r.png --features cpu_r,mem_u --threshold mscred=20
+  osad report 'web-1/4242@887123' --out r.html --from-jsonl samples.jsonl --from-jsonl scores.jsonl
+"""
+
+
+def _register_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="an image (PNG, or HTML with a table) of one entity's metrics, scores, thresholds and anomalies",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_REPORT_EXAMPLES,
+        description="""\
+Draw one entity's metrics over time (the anomalies' root-cause features and the most
+variable metrics, each min-max normalised), a panel per model with its score and its
+threshold (dashed), and every anomaly shaded with its severity and top root-cause feature.
+
+Samples and Scores come from the topics (read from the beginning, no consumer group) or from
+--from-jsonl files; anomalies and the thresholds the alerter chose from --store (the anomalies
+topic when that store does not exist). See docs/alerter.md, "Reports".""")
+    p.add_argument("entity", nargs="?", default=None, metavar="ENTITY",
+                   help="entity id, e.g. 'web-1/4242@887123'; leave out to list the entities that have data")
+    p.add_argument("--out", "-o", default=None, metavar="FILE",
+                   help="where to write: FILE.png (the image) or FILE.html (the image and a table of the anomalies), "
+                   "e.g. --out report.html")
+    p.add_argument("--features", type=_argtype(_names), default=None, metavar="A,B",
+                   help="metrics to plot, comma-separated, e.g. --features on_cpu_ns,rss_anon_bytes (default: the "
+                   "anomalies' root causes, then the most variable metrics)")
+    p.add_argument("--max-features", type=_argtype(_positive_int), default=8, metavar="N",
+                   help="most metrics plotted when --features is not given, e.g. --max-features 12 (default 8)")
+    p.add_argument("--since", type=_argtype(parse_since), default=None, metavar="WHEN",
+                   help="only data from then on: 30m, 2h, 7d ago, Unix seconds or an ISO date/time, e.g. --since 2h")
+    p.add_argument("--until", type=_argtype(parse_since), default=None, metavar="WHEN",
+                   help="only data up to then, same forms as --since, e.g. --until 15m (15 minutes ago)")
+    _repeatable(p, "--threshold", type=_threshold_arg, metavar="MODEL_FAMILY=VALUE", split=",",
+                help="draw this threshold for a model family or model_id instead of the alerter's, e.g. mscred=20")
+    g = p.add_argument_group("sources")
+    _topic_options(g)
+    option(g, "--store", default=None,
+           help=_STORE_HELP + f"; read only, default {DEFAULT_STORE} (e.g. --store sqlite:////var/lib/osad/a.db)")
+    _repeatable(g, "--from-jsonl", type=str, metavar="FILE", split=" ",
+                help="read Samples, Scores and Anomalies from this JSONL file instead of the topics (from osad "
+                "collect --output jsonl:FILE or osad alert --jsonl FILE), e.g. --from-jsonl run.jsonl")
+    option(g, "--idle-ms", type=int, default=1500, check=positive,
+           help="stop reading a topic when nothing arrived for this long (or at its end), e.g. --idle-ms 3000")
+    option(g, "--connect-timeout-s", type=float, default=10.0, check=positive,
+           help="give up when no broker answers within this many seconds, e.g. --connect-timeout-s 30")
+    p.set_defaults(func=run_report)
+
+
+def _names(s: str) -> list[str]:
+    vals = [x.strip() for x in s.split(",") if x.strip()]
+    if not vals:
+        raise ValueError("give one or more metric names, comma-separated, e.g. on_cpu_ns,rss_anon_bytes")
+    return vals
+
+
+def run_report(args) -> int:
+    from .report import run
+
+    return run(args)
