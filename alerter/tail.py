@@ -72,9 +72,27 @@ class _PlainView(View):
         return "\n".join([title] + [_line(a) for a in shown])
 
 
-def tail(args) -> int:
+def assign(consumer, topics: list[str], from_beginning: bool = False) -> list | None:
+    """Assign every partition of ``topics`` to ``consumer`` (no consumer group) and seek to their
+    beginning or end; None while a topic does not exist yet (its metadata is refreshed for the next try)."""
     from kafka import TopicPartition
 
+    tps = []
+    for topic in topics:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            consumer.topics()  # refresh metadata
+            return None
+        tps += [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    if from_beginning:
+        consumer.seek_to_beginning(*tps)
+    else:
+        consumer.seek_to_end(*tps)
+    return tps
+
+
+def tail(args) -> int:
     from runtime.kafka import BrokerUnavailable, make_consumer
     from schemas import ANOMALIES, Anomaly, WireError, decode
 
@@ -98,23 +116,16 @@ def tail(args) -> int:
     view = view_cls(args.entity, args.min_severity, args.rows)
     live = None
     try:
-        parts = consumer.partitions_for_topic(topic)
-        while not parts:
+        tps = assign(consumer, [topic], args.from_beginning)
+        while not tps:
             if (args.once and not args.timeout) or (deadline and time.monotonic() > deadline):
                 print(f"osad tail: topic {topic} does not exist yet (no alerter has run on this broker?)",
                       file=sys.stderr)
                 if not args.json:
                     console.print(view.table(f"{topic}: no anomalies"))
                 return 0
-            consumer.topics()  # refresh metadata
             time.sleep(0.5)
-            parts = consumer.partitions_for_topic(topic)
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        if args.from_beginning:
-            consumer.seek_to_beginning(*tps)
-        else:
-            consumer.seek_to_end(*tps)
+            tps = assign(consumer, [topic], args.from_beginning)
         # "from now" also by record time: a broker may report an end offset short of a batch's last record
         since_ms = None if args.from_beginning else int(time.time() * 1000)
         end = consumer.end_offsets(tps) if args.once and not args.timeout else None
