@@ -72,8 +72,20 @@ def samples(plan: ReplayPlan, start_ts: float, host: str = "replay"):
                          metrics=dict(zip(names, data[i].tolist())))
 
 
+def train_rows(plan: ReplayPlan, e: Entity) -> np.ndarray:
+    """The train rows this replay publishes (``--skip``/``--limit`` applied); all of them when it
+    publishes only test rows."""
+    if plan.split == "test":
+        return e.train
+    data, seq0 = plan.rows(e)
+    n = max(0, min(data.shape[0], e.train.shape[0] - seq0))  # seq0: the first row's number in train + test
+    return data[:n] if n else e.train
+
+
 def train_ranges(plan: ReplayPlan) -> dict[str, Ranges]:
-    return {e.entity_id: Ranges.fit(e.feature_names, e.train) for e in plan.entities}
+    """Min-max ranges per entity fitted on :func:`train_rows` (what ``osad evaluate --limit-train``
+    fits on when the replay skips the same head)."""
+    return {e.entity_id: Ranges.fit(e.feature_names, train_rows(plan, e)) for e in plan.entities}
 
 
 def run(args) -> int:
@@ -134,6 +146,6 @@ def register_replay(sub) -> None:
     option(p, "--skip", type=int, default=0, check=non_negative, help="skip this many rows of the split first")
     option(p, "--rate", type=float, default=0.0, check=non_negative, help="rows per second per entity (0: as fast as possible)")
     option(p, "--start-ts", type=float, default=1_700_000_000.0, help="timestamp of row 0 (Unix seconds)")
-    option(p, "--write-ranges", default=None, help="also write train-split min-max ranges to this JSON file (for `osad featurizer --ranges`)")
+    option(p, "--write-ranges", default=None, help="also write min-max ranges of the train rows it publishes (all train rows with --split test) to this JSON file (for `osad featurizer --ranges`)")
     p.add_argument("--dry-run", action="store_true", help="only load (and --write-ranges); publish nothing")
     p.set_defaults(func=run)

@@ -9,8 +9,9 @@ is measured"):
    held-out tail is scored and only its scores choose the alarm threshold (POT, q = 1e-3,
    :func:`core.thresholds.pot_threshold`), so ``deployed_f1`` uses no label.
 3. ``test`` is scored causally: the last ``span - 1`` rows before it are prepended, windows are cut
-   as the featurizer cuts them (one every ``gap`` samples, aligned so the last test row ends a
-   window) and a point's score is the score of the window whose ``gap`` newest samples contain it.
+   as the featurizer cuts them from a replay of train then test (``osad replay``: a window ends at
+   every row whose number ``seq`` in train + test has ``(seq + 1) % gap == 0``; one more ends at the
+   last test row) and a point's score is the score of the window whose ``gap`` newest samples contain it.
    So every score uses data up to at most ``gap - 1`` samples after its point, never later.
 4. Metrics from :mod:`core.metrics`: f1, auprc, pa_f1, deployed_f1, hitrate@100% / @150%.
    Test labels are used only here, never to choose anything.
@@ -88,21 +89,25 @@ def make_scorer(name: str, entity: Entity, ranges: Ranges, *, gap: int = DEFAULT
 
 # ------------------------------------------------------------------------------------ windows
 
-def covering_ends(n_rows: int, first_point: int, need: int, gap: int) -> np.ndarray:
+def covering_ends(n_rows: int, first_point: int, need: int, gap: int, seq0: int | None = None,
+                  cover_last: bool = True) -> np.ndarray:
     """Window ends (indices into a series of ``n_rows``) so that every row from ``first_point`` on
     lies among the ``gap`` newest rows of a window.
 
-    Windows end every ``gap`` rows counted from ``first_point`` (the featurizer's grid when
-    ``first_point`` starts a block), plus one window ending at the last row when the series does not
-    end on the grid. Needs ``first_point >= need - 1`` rows of history before the first point.
+    Windows end where the featurizer ends them: at rows whose sequence number ``seq0 + index``
+    satisfies ``(seq + 1) % gap == 0`` (``seq0``: the sequence number of row 0), from the first
+    such row at or after ``first_point`` (``seq0`` None: every ``gap`` rows counted from
+    ``first_point``); plus one window ending at the last row when the series
+    does not end on the grid. Needs ``first_point >= need - 1`` rows of history before the first point.
     """
     if first_point < need - 1:
         raise ValueError(f"need {need - 1} rows of history before the first scored point, got {first_point}")
     last = n_rows - 1
     if last < first_point:
         return np.zeros(0, np.int64)
-    ends = np.arange(first_point + gap - 1, last + 1, gap)
-    if ends.size == 0 or ends[-1] != last:
+    first_end = first_point + (gap - 1 if seq0 is None else (-(seq0 + first_point + 1)) % gap)
+    ends = np.arange(first_end, last + 1, gap)
+    if cover_last and (ends.size == 0 or ends[-1] != last):
         ends = np.r_[ends, last]
     return ends.astype(np.int64)
 
@@ -117,12 +122,17 @@ def point_windows(n_points: int, first_point: int, ends: np.ndarray, gap: int) -
 
 
 def score_points(scorer: Scorer, history: np.ndarray, series: np.ndarray, *, scales=DEFAULT_SCALES,
-                 gap: int = DEFAULT_GAP, step: int = DEFAULT_STEP, chunk: int = 256):
+                 gap: int = DEFAULT_GAP, step: int = DEFAULT_STEP, chunk: int = 256, seq0: int | None = None,
+                 cover_last: bool = True):
     """Causal point scores [T] and contributions [T, N] of ``series`` [T, N] (scaled).
 
     ``history`` holds the rows before it (at least ``span - 1`` of them are used). A point's score is
     the score of the first window whose ``gap`` newest rows contain it; that window ends at most
-    ``gap - 1`` rows after the point. Returns (point_scores, point_contributions, window_scores).
+    ``gap - 1`` rows after the point. ``seq0``, the sequence number of ``series[0]`` in the stream,
+    puts the windows on the featurizer's grid (``(seq + 1) % gap == 0``); None: a grid starting at
+    ``series[0]``. ``cover_last`` False: no extra window for the rows after the last grid window;
+    only window_scores are returned then (the point arrays are None).
+    Returns (point_scores, point_contributions, window_scores).
     """
     need = span(scales, gap, step)
     if history.shape[0] < need - 1:
@@ -130,10 +140,12 @@ def score_points(scorer: Scorer, history: np.ndarray, series: np.ndarray, *, sca
     # a whole number of gap blocks of history when there is enough, so the grid sits on block boundaries
     h = min(history.shape[0], -(-(need - 1) // gap) * gap)
     z = np.concatenate([history[history.shape[0] - h:], series]) if h else series
-    ends = covering_ends(z.shape[0], h, need, gap)
-    pmap = point_windows(series.shape[0], h, ends, gap)
+    ends = covering_ends(z.shape[0], h, need, gap, seq0=None if seq0 is None else seq0 - h, cover_last=cover_last)
+    pmap = point_windows(series.shape[0], h, ends, gap) if cover_last else None
     ws, wc = score_windows(scorer, window_batches(z, ends, with_signatures=bool(getattr(scorer, "uses_signatures", True)),
                                                   scales=scales, gap=gap, step=step, chunk=chunk))
+    if pmap is None:
+        return None, None, ws
     return ws[pmap], wc[pmap], ws
 
 
@@ -187,23 +199,27 @@ class EvalConfig:
     fit_options: dict | None = None  # extra keyword arguments for fit() of models that take them (mscred)
 
 
-def prepare(root, name: str, cfg: EvalConfig) -> tuple[Entity, Ranges, np.ndarray, np.ndarray]:
+def prepare(root, name: str, cfg: EvalConfig) -> tuple[Entity, Ranges, np.ndarray, np.ndarray, int]:
+    """(entity, ranges fitted on its train rows, scaled train, scaled test, sequence number of the
+    first train row kept: rows are numbered train then test, as ``osad replay`` numbers them)."""
     ent = load_entity(root, name)
     if ent.test is None or ent.test_label is None:
         raise ValueError(f"{ent.entity_id}: evaluation needs test/ and test_label/ files")
-    if cfg.limit_train:
+    seq0 = 0
+    if cfg.limit_train and cfg.limit_train < ent.train.shape[0]:
+        seq0 = ent.train.shape[0] - cfg.limit_train
         ent.train = ent.train[-cfg.limit_train:]
     if cfg.limit_test:
         ent.test, ent.test_label = ent.test[: cfg.limit_test], ent.test_label[: cfg.limit_test]
         ent.interpretation = [(a, min(b, cfg.limit_test - 1), f) for a, b, f in ent.interpretation
                               if a < cfg.limit_test]
     ranges = Ranges.fit(ent.feature_names, ent.train)
-    return ent, ranges, ranges.transform(ent.train), ranges.transform(ent.test)
+    return ent, ranges, ranges.transform(ent.train), ranges.transform(ent.test), seq0
 
 
 def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), keep_scores: bool = False) -> dict:
     """Fit, calibrate and score every model on one entity; metrics per model (see module docstring)."""
-    ent, ranges, xtr, xte = prepare(root, name, cfg)
+    ent, ranges, xtr, xte, seq0 = prepare(root, name, cfg)
     need = span(cfg.scales, cfg.gap, cfg.step)
     n_train = xtr.shape[0]
     n_val = int(round(cfg.val_fraction * n_train))
@@ -212,7 +228,7 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
         raise ValueError(f"{ent.entity_id}: {n_train} train rows are too few to fit on {1 - cfg.val_fraction:.0%} "
                          f"and calibrate on {cfg.val_fraction:.0%} (windows need {need} rows); give more train rows")
     fit_ends = np.arange(need - 1, n_fit)
-    fit_ends = fit_ends[(fit_ends + 1) % cfg.gap == 0]  # the featurizer's grid on the train head
+    fit_ends = fit_ends[(seq0 + fit_ends + 1) % cfg.gap == 0]  # the featurizer's grid on the train head
     labels = ent.test_label
     result = {"entity": ent.name, "dataset": ent.dataset, "n_train": n_train, "n_fit": n_fit, "n_val": n_val,
               "n_test": int(xte.shape[0]), "anomaly_rate": float(labels.mean()), "models": {}}
@@ -231,9 +247,11 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
         del fit_batch
         t1 = time.perf_counter()
         pkw = dict(scales=cfg.scales, gap=cfg.gap, step=cfg.step)
-        _, _, val_scores = score_points(scorer, xtr[:n_fit], xtr[n_fit:], **pkw)  # held-out train tail
+        # held-out train tail, then test, on the featurizer's grid of a stream that starts at train row 0
+        # (the tail's windows are the grid's: the rows after its last one are scored by the first test window)
+        _, _, val_scores = score_points(scorer, xtr[:n_fit], xtr[n_fit:], seq0=seq0 + n_fit, cover_last=False, **pkw)
         thr = pot_threshold(val_scores, q=cfg.q, level=cfg.level)
-        s, c, w_scores = score_points(scorer, xtr, xte, **pkw)
+        s, c, w_scores = score_points(scorer, xtr, xte, seq0=seq0 + n_train, **pkw)
         t2 = time.perf_counter()
         dep = M.f1_at(s, labels, thr.value)
         best = M.best_f1(s, labels)

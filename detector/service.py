@@ -213,22 +213,30 @@ class Detector(Transform):
         calibrated scorer (fitted on its first ``cs_calibrate`` windows, assumed normal)."""
         if not self.cs_calibrate:
             return self._run(self._cs_for(gap), wins, signatures=False)
-        fresh = [w for w in wins if w.entity_id not in self._cal]
-        out = self._run(self._cs_for(gap), fresh, signatures=False) if fresh else []
+        # In arrival order: an entity's windows before and including its cs_calibrate-th are scored by
+        # the jump-start scorer and kept; the fit happens right there, so its later windows, even in
+        # this same batch, get the calibrated scorer.
+        fresh: list[SignatureWindow] = []
         by_entity: dict[str, list[SignatureWindow]] = {}
         for w in wins:
-            if w.entity_id in self._cal:
-                by_entity.setdefault(w.entity_id, []).append(w)
-        for eid, ws in by_entity.items():
-            self._cal.move_to_end(eid)
-            out += self._run(self._cal[eid], ws, signatures=False)
-        for w in fresh:
-            buf = self._cal_buf.setdefault(w.entity_id, [])
+            eid = w.entity_id
+            if eid in self._cal:
+                by_entity.setdefault(eid, []).append(w)
+                continue
+            fresh.append(w)
+            buf = self._cal_buf.setdefault(eid, [])
             if buf and buf[0].shape != w.values.shape:
                 buf.clear()  # the entity's feature set changed: start again
             buf.append(w.values)
             if len(buf) >= self.cs_calibrate:
-                self._fit_entity(w.entity_id, gap, self._cal_buf.pop(w.entity_id))
+                self._fit_entity(eid, gap, self._cal_buf.pop(eid))
+        out = self._run(self._cs_for(gap), fresh, signatures=False) if fresh else []
+        for eid, ws in by_entity.items():
+            if eid in self._cal:  # (an entity fitted in this batch may already be evicted again)
+                self._cal.move_to_end(eid)
+                out += self._run(self._cal[eid], ws, signatures=False)
+            else:
+                out += self._run(self._cs_for(gap), ws, signatures=False)
         return out
 
     def _fit_entity(self, eid: str, gap: int, values: list[np.ndarray]) -> None:

@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "detector.cli",
     "alerter.cli",
     "osad.workload",
+    "osad.agreement",
 )
 
 

@@ -47,18 +47,29 @@ def register(sub) -> None:
 
 
 class _Sink:
-    """A loopback TCP server that reads and discards (the other end of the network traffic)."""
+    """A loopback TCP server in a child process that reads and discards: the other end of the network
+    traffic. A separate process, as a remote peer would be, so the watched process only sends."""
 
     def __init__(self):
-        self.srv = socket.socket()
-        self.srv.bind(("127.0.0.1", 0))
-        self.srv.listen(1)
-        threading.Thread(target=self._serve, daemon=True).start()
-        self.conn = socket.create_connection(self.srv.getsockname())
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        self.pid = os.fork()
+        if self.pid == 0:  # child: serve one connection until the workload closes it (or dies)
+            try:
+                c, _ = srv.accept()
+                while c.recv(1 << 16):
+                    pass
+            finally:
+                os._exit(0)
+        self.conn = socket.create_connection(srv.getsockname())
+        srv.close()
 
-    def _serve(self):
-        c, _ = self.srv.accept()
-        while c.recv(1 << 16):
+    def close(self) -> None:
+        self.conn.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
             pass
 
 
@@ -74,8 +85,14 @@ def _mode(path: Path, cur: str) -> str:
 
 
 def run(args) -> int:
-    control = Path(args.control)
     sink = _Sink()
+    try:
+        return _work(args, Path(args.control), sink)
+    finally:
+        sink.close()
+
+
+def _work(args, control: Path, sink: _Sink) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="osad-workload-"))
     leak: list[bytearray] = []
     payload = b"x" * 65536

@@ -34,5 +34,24 @@ def test_entity_switches_to_its_calibrated_scorer_which_keeps_a_sustained_shift_
     cal = [o.msg for o in outs[30:]]
     normal = [s.score for s in cal if s.window_end_seq < 500]
     shifted = [s for s in cal if s.window_end_seq >= 500 + 59]  # the shift fills the whole window
-    assert shifted and min(s.score for s in shifted) > 5 * max(normal)
+    # (scores sum square roots of standardised deviations: 2x here is 4x in squared units)
+    assert shifted and min(s.score for s in shifted) > 2 * max(normal)
     assert all(int(np.argmax(s.contributions)) == 2 for s in shifted)
+
+
+def test_windows_after_the_calibrating_one_in_the_same_batch_get_the_calibrated_scorer():
+    """A batch that holds an entity's cs_calibrate-th window and later ones: the later ones are scored
+    by the scorer fitted on the first cs_calibrate (as `osad evaluate` scores the held-out tail),
+    not by the jump-start scorer (which would shift the alerter's calibration scores)."""
+    rng = np.random.default_rng(1)
+    x = 0.5 + 0.1 * rng.normal(size=(400, 4))
+    wins = windows(x)  # 69 windows
+    det = Detector(CSScorer(gap=5, max_iter=100), max_batch=40, cs_calibrate=10)
+    outs = det.process_batch([(w, InputMeta("t", 0, i)) for i, w in enumerate(wins[:40])])
+    by_seq = {o.msg.window_end_seq: o.msg.model_id for o in outs}
+    assert len(by_seq) == 40
+    ordered = [by_seq[w.window_end_seq] for w in wins[:40]]
+    assert all(m.startswith("cs-jumpstarter") for m in ordered[:10])
+    assert all(":fitted:" in m for m in ordered[10:])
+    # and no second calibration buffer was started for the entity
+    assert not det._cal_buf
