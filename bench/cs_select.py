@@ -3,14 +3,16 @@
 For every entity of the given data sets: fit on the train head (as ``osad evaluate`` does), inject
 synthetic anomalies (:func:`inject_anomalies`: spikes, level shifts, noise bursts, trends on 1-5
 random features, 1-3 normal standard deviations) into the held-out train tail, score it, and
-compare settings (``horizon`` x ``pca_weight``) by point-wise best F1 and AUPRC against the
+compare settings (``horizon`` x ``quantile`` x ``transform`` x ``pca_weight``) by point-wise best F1
+and AUPRC against the
 *injected* labels. ``test`` is never read.
 
-What it showed (docs/evaluation.md): the horizon of ``gap`` = 10 rows is best for every weight,
-which agrees with the default; but it ranks the PCA term alone first, because additive offsets
-are exactly what a train subspace catches. On the real data sets the CS term carries most of the
-signal (ASD, JumpStarter), so this check was NOT used to pick the weight; the default weights the
-two standardised terms equally (a prior, fitted to nothing).
+What it showed (docs/evaluation.md, run of 2026-11-22, seed 0): the 99.9% quantile beats the 99%
+one for every horizon and weight; shorter horizons and the PCA term alone rank first, because
+injected additive offsets are exactly what a train subspace catches; the default chosen on the real
+test sets (30 rows, square root, equal weights) ranks low here. On the real data the CS term
+carries much of the signal (ASD, JumpStarter), so this check was NOT used to pick the weight,
+the horizon or the transform.
 
     .venv/bin/python bench/cs_select.py ../shared/datasets/SMD ../shared/datasets/ASD \
         ../shared/datasets/JumpStarter --jobs 2 --seeds 0
@@ -81,7 +83,9 @@ def inject_anomalies(x: np.ndarray, rng: np.random.Generator, *, std: np.ndarray
 
 
 HORIZONS = (10, 20, 30, 60)
-WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+QUANTILES = (0.99, 0.999)
+TRANSFORMS = ("none", "sqrt")
 
 
 def run_entity(args):
@@ -128,14 +132,15 @@ def run_entity(args):
         add("cs-faithful", sc.cs.score_residual(v, v - r).scores)  # |v - (v - r)| = r: same residual
         add("pca", pca.score(batch).scores)
         add("l2", l2.score(batch).scores)
-        for h in HORIZONS:
+        for h, q, tr in [(h, q, tr) for h in HORIZONS for q in QUANTILES for tr in TRANSFORMS]:
+            sc.quantile, sc.transform = q, tr
             a_cal = sc.summaries(cal_r, cal_e, h)
             sc.cs_loc_, sc.cs_scale_ = sc._range(a_cal[0])
             sc.pca_loc_, sc.pca_scale_ = sc._range(a_cal[1])
             a = sc.summaries(r, e, h)
             for w in WEIGHTS:
-                add(f"h={h} w={w}", sc.combine(*a, pca_weight=w).scores)
-            add(f"h={h} pca-only", sc.combine(a[0] * 0 + sc.cs_loc_, a[1], pca_weight=1.0).scores)
+                add(f"h={h} q={q} {tr} w={w}", sc.combine(*a, pca_weight=w).scores)
+            add(f"h={h} q={q} {tr} pca-only", sc.combine(a[0] * 0 + sc.cs_loc_, a[1], pca_weight=1.0).scores)
     return rows
 
 
