@@ -5,8 +5,10 @@ top feature, and none during a normal stretch of three minutes.
 
 Seven workloads run at once, one per fault, so the test costs one calibration and one normal
 stretch. Timeline (sample interval 0.5 s, a window every 5 samples): featurizer calibration
-(100 samples), alerter calibration (40 windows per model), three minutes of normal behaviour,
-then every workload switches to its fault.
+(100 samples), the detector's per-process compressed sensing (30 windows), alerter calibration
+(60 windows per model), three minutes of normal behaviour, then every workload switches to its
+fault. An incident opens after 3 consecutive windows over threshold (7.5 s): a few seconds of
+run-queue waiting caused by other load on the machine is not an incident.
 """
 
 import os
@@ -20,10 +22,10 @@ from tests.conftest import wait_until
 from tests.kafkautil import Proc, TopicReader, health
 
 pytestmark = [
-    pytest.mark.broker, pytest.mark.ebpf, pytest.mark.slow,
-    # Opt-in until it passes (issue 5 is open): a 7-minute run. With the compressed-sensing scorer
-    # alone, a fault's score spikes when it starts and fades once it fills the window, so debounced
-    # incidents are missed or close early. OSAD_E2E=1 runs it.
+    pytest.mark.broker, pytest.mark.ebpf, pytest.mark.slow, pytest.mark.timeout(1500),
+    # Opt-in until it passes reliably (issue 5 is open): an 8-minute run. On a machine whose other
+    # load comes and goes, the workloads' run-queue waits make false incidents in the normal stretch.
+    # OSAD_E2E=1 runs it; OSAD_E2E_DUMP=FILE keeps the Scores and Anomalies it saw.
     pytest.mark.skipif(os.environ.get("OSAD_E2E") != "1",
                        reason="end-to-end fault run, opt-in while issue 5 is open: set OSAD_E2E=1"),
 ]
@@ -74,7 +76,7 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
                            "--metrics-port", str(dport)], tmp_path / "detector.log"))
         aport = free_port()
         procs.append(Proc(["alert", "--bootstrap", bs, "--store", f"sqlite:///{tmp_path / 'anomalies.db'}",
-                           "--calibration-scores", "40", "--open-after", "2", "--close-after", "3",
+                           "--calibration-scores", "60", "--open-after", "3", "--close-after", "3",
                            "--metrics-port", str(aport)], tmp_path / "alerter.log"))
         for port in (dport, aport):
             wait_until(lambda: (health(port) or {}).get("status") == "ok", 120, what="services healthy")
@@ -92,16 +94,19 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
                     n[s.pid] = n.get(s.pid, 0) + 1
             return n
         # calibration: the featurizer's ranges, the detector's per-entity compressed sensing (30 windows),
-        # then the alerter's 40 scores of that model per entity (plus margin)
+        # then the alerter's 60 scores of that model per entity (plus margin)
         scores.read_until(lambda r: len(per_pid_scores()) == len(workloads)
-                          and min(per_pid_scores().values()) >= 45, 900, "alerter calibration on every workload")
+                          and min(per_pid_scores().values()) >= 65, 900, "alerter calibration on every workload")
         # a normal stretch: no incident at all
         t_normal = time.monotonic()
         while time.monotonic() - t_normal < NORMAL_STRETCH_S:
             anomalies.poll(500)
             scores.poll(200)
+        failures = []  # every condition is checked, then all failures are reported together
         opened = [a for a in anomalies.messages() if a.status == "open"]
-        assert not opened, f"incidents during normal behaviour: {[(a.pid, a.summary) for a in opened]}"
+        if opened:
+            failures.append(f"incidents during normal behaviour: {[(a.pid, a.summary) for a in opened]}")
+        normal_ids = {a.anomaly_id for a in opened}
 
         # every workload misbehaves now
         t_fault = time.monotonic()
@@ -112,21 +117,33 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
         while time.monotonic() < deadline and len(seen) < len(workloads):
             anomalies.poll(300)
             for a in anomalies.messages():
-                if a.status == "open" and a.pid in workloads and a.pid not in seen:
+                if a.status == "open" and a.pid in workloads and a.pid not in seen and a.anomaly_id not in normal_ids:
                     seen[a.pid] = time.monotonic() - t_fault
         missing = {workloads[p][0] for p in workloads if p not in seen}
-        assert not missing, f"no incident within {DETECT_WITHIN_S} s for: {sorted(missing)}; found {seen}"
+        if missing:
+            failures.append(f"no incident within {DETECT_WITHIN_S} s for: {sorted(missing)}; found {seen}")
         # let the incidents run a little: still one incident per process, and a fitting top feature
         t_end = time.monotonic() + 15
         while time.monotonic() < t_end:
             anomalies.poll(300)
         for pid, (fault, _) in workloads.items():
-            mine = [a for a in anomalies.messages() if a.pid == pid]
+            mine = [a for a in anomalies.messages() if a.pid == pid and a.anomaly_id not in normal_ids]
             ids = {a.anomaly_id for a in mine}
-            assert len(ids) == 1, f"{fault}: {len(ids)} incidents instead of one"
+            if len(ids) != 1:
+                failures.append(f"{fault}: {len(ids)} incidents instead of one")
+                continue
             latest = max(mine, key=lambda a: a.revision)
             top = latest.root_causes[0].feature
-            assert top in FAULTS[fault], f"{fault}: top feature {top} ({[r.feature for r in latest.root_causes]})"
+            if top not in FAULTS[fault]:
+                failures.append(f"{fault}: top feature {top} ({[r.feature for r in latest.root_causes]})")
+        assert not failures, "\n".join(failures)
     finally:
         for p in reversed(procs):
             p.terminate()
+        dump = os.environ.get("OSAD_E2E_DUMP")  # keep what was seen, to study thresholds offline
+        if dump and "scores" in locals():
+            from schemas import encode
+
+            with open(dump, "wb") as fh:
+                for m in scores.messages() + anomalies.messages():
+                    fh.write(encode(m) + b"\n")
