@@ -264,9 +264,21 @@ class ServiceRunner:
 
     def _commit(self) -> None:
         offsets = self._offsets_to_commit()
-        if offsets:
+        if not offsets:
+            return
+        from kafka.errors import CommitFailedError, RebalanceInProgressError
+
+        try:
             self.consumer.commit(offsets)
-            self._committed_now(offsets)
+        except (CommitFailedError, RebalanceInProgressError) as e:
+            # The group moved on without us (e.g. one batch outlasted max_poll_interval_ms on a busy
+            # machine). Nothing is lost: the next poll rejoins, revocation hands state back, and
+            # whoever owns the partitions re-reads from the last commit (outputs may repeat).
+            self.metrics.errors.labels(kind="commit").inc()
+            log.warning("%s: offset commit refused (%s); rejoining the group, uncommitted input will be re-read",
+                        self.t.name, type(e).__name__)
+            return
+        self._committed_now(offsets)
 
     def _update_lag(self) -> None:
         for tp in self._assigned:

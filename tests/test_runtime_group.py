@@ -1,0 +1,62 @@
+"""The service loop survives being dropped from its consumer group (a batch that outlasts
+max_poll_interval_ms on a busy machine): it rejoins, processes everything, and commits."""
+
+import threading
+
+import pytest
+
+from runtime.service import Output, RunnerConfig, ServiceRunner, Transform
+from schemas import SAMPLES, SCORES, Sample
+from tests.conftest import wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+class SlowFirst(Transform):
+    """Echo nothing; the first batch takes longer than the group allows."""
+
+    name = "slow-first"
+    input = SAMPLES
+
+    def __init__(self, hold_s: float):
+        self.hold_s, self.seen, self.slowed = hold_s, [], False
+
+    def process(self, msg, meta):
+        if not self.slowed:
+            self.slowed = True
+            threading.Event().wait(self.hold_s)  # a slow batch (not synchronisation)
+        self.seen.append(msg.seq)
+        return []
+
+
+def test_runner_rejoins_after_the_group_dropped_it_and_commits_everything(broker, topic_prefix):
+    from kafka import KafkaConsumer, TopicPartition
+    from runtime.kafka import Publisher, ensure_topics
+
+    ensure_topics(broker.bootstrap)
+    pub = Publisher(broker.bootstrap, "t")
+    for i in range(20):
+        pub.publish(SAMPLES, Sample(entity_id="e", host="h", ts=1.0 + i, interval_s=1.0, seq=i, metrics={"m": 1.0}))
+    pub.flush()
+    t = SlowFirst(hold_s=8.0)
+    cfg = RunnerConfig(bootstrap=broker.bootstrap, group=f"{topic_prefix}slow", max_poll_interval_ms=2000,
+                       session_timeout_ms=6000, commit_interval_s=0.2, max_poll_records=1)
+    runner = ServiceRunner(t, cfg, install_signals=False)
+    th = threading.Thread(target=runner.run, daemon=True)
+    th.start()
+    try:
+        wait_until(lambda: len(set(t.seen)) == 20, 120, what="every message processed after the slow batch")
+        c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=f"{topic_prefix}slow", enable_auto_commit=False)
+        tps = [TopicPartition(SAMPLES.full_name(), p) for p in c.partitions_for_topic(SAMPLES.full_name())]
+
+        def committed_all():
+            return sum((c.committed(tp) or 0) for tp in tps) >= 20
+        wait_until(committed_all, 60, every_s=0.5, what="offsets of all 20 messages committed")
+        c.close()
+        assert th.is_alive(), "the service loop must keep running"
+        refused = runner.metrics.registry.get_sample_value("osad_errors_total", {"service": "slow-first", "kind": "commit"})
+        assert refused and refused >= 1, "the slow batch should have cost the group membership once"
+    finally:
+        runner._stop.set()
+        th.join(30)
+    assert not th.is_alive()
