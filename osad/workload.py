@@ -43,6 +43,9 @@ def register(sub) -> None:
     option(p, "--io-mib-s", type=float, default=20.0, check=positive, help="io mode: MiB per second")
     option(p, "--net-mib-s", type=float, default=20.0, check=positive, help="net mode: MiB per second")
     option(p, "--duration-s", type=float, default=0.0, help="exit after this long (0: until killed)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print each mode change to stderr (off by default: that write would show in the "
+                        "process's write_bytes and syscalls at the very moment its fault starts)")
     p.set_defaults(func=run)
 
 
@@ -105,7 +108,8 @@ def _work(args, control: Path, sink: _Sink) -> int:
         if now - last_check >= 0.2:
             new = _mode(control, mode)
             if new != mode:
-                print(f"osad workload: mode {mode} -> {new}", file=sys.stderr, flush=True)
+                if args.verbose:  # off by default: a log line is a write the fault itself would not make
+                    print(f"osad workload: mode {mode} -> {new}", file=sys.stderr, flush=True)
                 mode = new
             last_check = now
         i += 1
