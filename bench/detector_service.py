@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +26,7 @@ sys.path[0] = str(ROOT)  # not bench/: its file names would shadow the packages
 
 import numpy as np  # noqa: E402
 
+from bench._common import assign_all, http_text, osad_process, stop_processes, wait_for  # noqa: E402
 from core.datasets import load_entity  # noqa: E402
 from core.signature import Ranges, signature_windows, window_ends  # noqa: E402
 
@@ -40,13 +41,13 @@ def main() -> int:
     a = ap.parse_args()
 
     import torch
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka import KafkaConsumer, KafkaProducer
 
     from detector.base import WindowBatch
     from detector.mscred import MSCREDConfig, MSCREDScorer
     from runtime.broker import EmbeddedBroker
     from runtime.kafka import ensure_topics
-    from schemas import SCORES, SIGNATURES, SignatureWindow, decode, encode
+    from schemas import SCORES, SIGNATURES, Score, SignatureWindow, decode, encode
 
     ent = load_entity(a.data, "machine-1-6")
     r = Ranges.fit(ent.feature_names, ent.train)
@@ -81,49 +82,32 @@ def main() -> int:
             prod.send(SIGNATURES.full_name(), key=w.entity_id.encode(), value=encode(w))
         prod.flush()
         prod.close()
-        log = open(tmp / "detector.log", "wb")
         from runtime.broker import free_port
 
         mport = free_port()
         wrap = os.environ.get("OSAD_BENCH_WRAP", "").split()
-        p = subprocess.Popen([*wrap, sys.executable, "-m", "osad", "detect", "--bootstrap", b.bootstrap, "--no-cs",
-                              "--models", str(tmp / "models"), "--max-batch", str(a.batch), "--max-wait-ms", "200",
-                              "--metrics-port", str(mport), "--log-level", "WARNING", *a.detect_arg],
-                             stdout=log, stderr=subprocess.STDOUT,
-                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        p = osad_process(["detect", "--bootstrap", b.bootstrap, "--no-cs", "--models", str(tmp / "models"),
+                          "--max-batch", str(a.batch), "--max-wait-ms", "200", "--metrics-port", str(mport),
+                          "--log-level", "WARNING", *a.detect_arg], tmp / "detector.log", wrap=wrap)
         c = KafkaConsumer(bootstrap_servers=b.bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
         got, stamps = 0, []
-        deadline = time.monotonic() + 900
-        assigned = False
-        while got < len(ends) and time.monotonic() < deadline:
-            if not assigned:
-                parts = c.partitions_for_topic(SCORES.full_name())
-                if parts:
-                    c.assign([TopicPartition(SCORES.full_name(), q) for q in parts])
-                    c.seek_to_beginning()
-                    assigned = True
-                else:
-                    time.sleep(0.2)
-                    continue
-            for msgs in c.poll(500).values():
-                for m in msgs:
-                    decode(m.value, __import__("schemas").Score)
-                    stamps.append(m.timestamp / 1000.0)
-                    got += 1
-        import urllib.request
-
-        met = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
-        calls = [ln for ln in met.splitlines() if ln.startswith("osad_detector_batch_windows_count")
-                 or ln.startswith("osad_detector_model_seconds_sum")]
-        print("service: " + "; ".join(calls), file=sys.stderr)
-        if wrap:
-            import signal
-
-            p.send_signal(signal.SIGINT)  # a profiler wrapper writes its output on Ctrl-C
-        else:
-            p.terminate()
-        p.wait(60)
-        c.close()
+        try:
+            wait_for(lambda: assign_all(c, SCORES.full_name()), 60, "the scores topic's metadata", every_s=0.2)
+            deadline = time.monotonic() + 900
+            while got < len(ends) and time.monotonic() < deadline:
+                for msgs in c.poll(500).values():
+                    for m in msgs:
+                        decode(m.value, Score)
+                        stamps.append(m.timestamp / 1000.0)
+                        got += 1
+            met = http_text(mport, "/metrics") or ""
+            calls = [ln for ln in met.splitlines() if ln.startswith("osad_detector_batch_windows_count")
+                     or ln.startswith("osad_detector_model_seconds_sum")]
+            print("service: " + "; ".join(calls), file=sys.stderr)
+        finally:
+            # a profiler wrapper writes its output on Ctrl-C
+            stop_processes([p], timeout_s=60, sig=signal.SIGINT if wrap else signal.SIGTERM)
+            c.close()
     if got < len(ends):
         print(f"the service scored only {got}/{len(ends)} windows; see {tmp / 'detector.log'}", file=sys.stderr)
         return 1
