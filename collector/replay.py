@@ -21,6 +21,9 @@ from schemas import SAMPLES, Sample
 
 log = logging.getLogger("osad.replay")
 
+#: --start-ts default: the timestamp base of replayed rows (row seq has ts = this + (seq + 1) * interval)
+DEFAULT_START_TS = 1_700_000_000.0
+
 
 @dataclass
 class ReplayPlan:
@@ -145,7 +148,7 @@ def register_replay(sub) -> None:
            help="at most this many rows per entity")
     option(p, "--skip", type=int, default=0, check=non_negative, help="skip this many rows of the split first")
     option(p, "--rate", type=float, default=0.0, check=non_negative, help="rows per second per entity (0: as fast as possible)")
-    option(p, "--start-ts", type=float, default=1_700_000_000.0, help="timestamp of row 0 (Unix seconds)")
+    option(p, "--start-ts", type=float, default=DEFAULT_START_TS, help="timestamp of row 0 (Unix seconds)")
     option(p, "--write-ranges", default=None, help="also write min-max ranges of the train rows it publishes (all train rows with --split test) to this JSON file (for `osad featurizer --ranges`)")
     p.add_argument("--dry-run", action="store_true", help="only load (and --write-ranges); publish nothing")
     p.set_defaults(func=run)

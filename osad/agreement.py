@@ -291,7 +291,7 @@ def _stream(args, plan: Plan, ent, work: Path) -> dict:
     st = (state.get("streams") or {}).get(model_id) or {}
     thr = st.get("judged_threshold", st.get("threshold"))
     interval = ent.interval_s
-    start_ts = _replay_start_ts()
+    from collector.replay import DEFAULT_START_TS as start_ts
 
     def seq_of(ts: float) -> int:
         return int(round((ts - start_ts) / interval)) - 1
@@ -309,13 +309,6 @@ def _stream(args, plan: Plan, ent, work: Path) -> dict:
             point_scores[lo: hi + 1] = s.score
     return {"pred": pred, "point_scores": point_scores, "threshold": thr, "model_id": model_id,
             "incidents": len(anomalies), "n_scores": n_scores, "wall_s": round(wall, 1)}
-
-
-def _replay_start_ts() -> float:
-    """The replay's --start-ts default (row 0's timestamp is start_ts + interval)."""
-    from osad.cli import build_parser
-
-    return float(build_parser().parse_args(["replay", "."]).start_ts)
 
 
 def _wait_scored(svc: _Services, store_url: str, entity_id: str, last_seq: int, timeout_s: float, open_store):
