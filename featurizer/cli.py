@@ -30,7 +30,7 @@ def register(sub) -> None:
     option(p, "--max-fill", type=int, default=3, check=non_negative, help="longest gap (in samples) filled by carrying the last sample forward")
     option(p, "--idle-timeout-s", type=float, default=300.0, check=positive, help="evict an entity after this long without samples")
     option(p, "--max-entities", type=int, default=10_000, check=positive, help="most entities kept (least recently seen evicted)")
-    option(p, "--clip", type=float, default=10.0, check=positive, help="clip scaled values to [-clip, clip]")
+    option(p, "--clip", type=float, default=10.0, check=positive, help="soft-clip scaled values beyond +-clip ranges: z becomes clip*(1+ln(|z|/clip)), order kept")
     p.set_defaults(func=run)
 
 

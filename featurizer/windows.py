@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, span
+from core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, span, squash
 
 
 @dataclass(frozen=True)
@@ -154,16 +154,14 @@ class EntityWindow:
             z = self.ring[seq0 % L]
             np.subtract(raw[0], self._lo, out=z)
             np.divide(z, self._den, out=z)
-            np.minimum(z, self._clip, out=z)
-            np.maximum(z, -self._clip, out=z)
+            squash(z, self._clip, out=z)
             self.ring_off[seq0 % L] = offs[0]
             self.last_seq = seq0
             self.contig = contig0 + 1
             return []
         z = np.subtract(raw, self._lo)
         np.divide(z, self._den, out=z)
-        np.minimum(z, self._clip, out=z)
-        np.maximum(z, -self._clip, out=z)
+        squash(z, self._clip, out=z)
         wins: list[Window] = []
         if j_hi >= j_lo or t_min <= last:
             h = min(contig0, L)

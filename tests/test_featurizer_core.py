@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.signature import Ranges, signature_windows, signature_windows_naive, window_ends
+from core.signature import Ranges, signature_windows, signature_windows_naive, squash, window_ends
 from featurizer.windows import WindowConfig, WindowStore
 
 
@@ -196,3 +196,37 @@ def test_retained_offset_is_oldest_sample_future_windows_need():
 def test_bad_ranges_are_rejected_with_a_reason(bad):
     with pytest.raises(ValueError, match="ranges"):
         Ranges.from_dict(bad, "ranges")
+
+
+def test_squash_is_identity_inside_and_keeps_order_beyond():
+    z = np.array([-0.5, 3.0, 10.0, -10.0, 10.5, 25.0, 4000.0, -4000.0, 1e30, np.inf])
+    s = squash(z, 10.0)
+    np.testing.assert_array_equal(s[:4], z[:4])
+    assert 10.0 < s[4] < 10.5 < s[5] < 25.0 < s[6]  # beyond the clip: smaller, still increasing
+    assert s[7] == -s[6]
+    assert np.isfinite(s).all() and s[-1] == s[-2]  # absurd values and inf are capped alike
+    eps = 1e-9  # continuous at the clip
+    assert abs(squash(np.array([10.0 + eps]), 10.0)[0] - 10.0) < 1e-8
+    w = z.copy()
+    squash(w, 10.0, out=w)
+    np.testing.assert_array_equal(w, s)
+
+
+def test_values_far_outside_the_ranges_are_squashed_alike_streaming_and_batched():
+    """A fault 1,000 ranges out and one 20 ranges out keep their order in the windows (a hard clip
+    would tie them), and streaming one by one, a backlog and the offline transform agree."""
+    names = ["syscalls", "cpu"]
+    rng = np.random.default_rng(3)
+    X = rng.random((200, 2))
+    r = Ranges.fit(names, X[:100])
+    X[150:, 0] = 1000.0
+    X[150:, 1] = 20.0
+    cfg = WindowConfig(scales=(10, 30, 60), gap=10, step=5)
+    one = feed(WindowStore(cfg, fixed(r)), X, names)
+    items = [(q, dict(zip(names, X[q].tolist())), q) for q in range(len(X))]
+    many = [w for _, w in WindowStore(cfg, fixed(r)).add_many("e", items)]
+    last = one[-1].values[-1]
+    assert last[0] > last[1] > r.clip
+    np.testing.assert_allclose(last, r.transform(X[-1:])[0], rtol=1e-6)
+    for a, b in zip(one, many):
+        np.testing.assert_allclose(a.tri, b.tri, rtol=1e-6)
