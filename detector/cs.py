@@ -503,7 +503,10 @@ class CalibratedCSScorer(Scorer):
     * per metric ``c_j = sqrt(max(z_cs_j, 0) + pca_weight * max(z_pca_j, 0))``; window score =
       ``sum_j c_j`` (a sum over metrics rather than the top-2 harmonic mean, so one broken metric
       counts; the square root keeps one metric's extreme z from drowning what the others show);
-      contributions are the ``c_j``.
+    * contributions (``attribution="pdc"``) are the same ``c_j`` with the PCA term's squared
+      residual replaced by its partial decomposition, standardised the same way (see
+      :meth:`_residuals`: the squared residual blames the quieter of two correlated metrics);
+      ``attribution="score"`` gives the ``c_j`` themselves.
 
     ``horizon`` (rows of the window the score summarises, <= T) defaults to ``3 * gap``: the P90
     of the residual flags a fault once it holds a tenth of those rows (the newest ``gap`` rows are a
@@ -521,22 +524,26 @@ class CalibratedCSScorer(Scorer):
 
     def __init__(self, horizon: int | None = None, pca_weight: float = 1.0, variance: float = 0.9,
                  quantile: float = 0.999, floor: float = 0.01, max_calibration_windows: int = 512,
-                 transform: str = "sqrt", **cs_options):
+                 transform: str = "sqrt", attribution: str = "pdc", **cs_options):
         self.cs = CSScorer(**cs_options)
         self.horizon = int(horizon) if horizon else 3 * self.cs.gap
         if transform not in ("sqrt", "none"):
             raise ValueError(f"transform must be 'sqrt' or 'none', got {transform!r}")
-        self.transform = transform
+        if attribution not in ("pdc", "score"):
+            raise ValueError(f"attribution must be 'pdc' or 'score', got {attribution!r}")
+        self.transform, self.attribution = transform, attribution
         self.pca_weight, self.variance = float(pca_weight), float(variance)
         self.quantile, self.floor, self.max_calibration_windows = quantile, floor, max_calibration_windows
         self.pca_mean_: np.ndarray | None = None
         self.components_: np.ndarray | None = None
         self.cs_loc_ = self.cs_scale_ = self.pca_loc_ = self.pca_scale_ = None
+        self.pdc_loc_ = self.pdc_scale_ = None
 
     @property
     def model_id(self) -> str:
         state = "fitted" if self.cs_loc_ is not None else "unfitted"
-        return (f"cs-calibrated:h={self.horizon}:w={self.pca_weight}:q={self.quantile}:{self.transform}:{state}:"
+        attr = "" if self.attribution == "pdc" else f"attr={self.attribution}:"
+        return (f"cs-calibrated:h={self.horizon}:w={self.pca_weight}:q={self.quantile}:{self.transform}:{attr}{state}:"
                 + self.cs.model_id)
 
     @property
@@ -556,9 +563,11 @@ class CalibratedCSScorer(Scorer):
         k = vt.shape[0] if var.sum() <= 0 else int(np.searchsorted(np.cumsum(var) / var.sum(), self.variance - 1e-12) + 1)
         self.components_ = vt[: min(k, vt.shape[0])]
         idx = np.unique(np.linspace(0, windows.size - 1, min(windows.size, self.max_calibration_windows)).astype(int))
-        a_cs, a_pca = self.summaries(*self.residuals(v[idx]))
+        r, e, d = self._residuals(v[idx])
+        a_cs, a_pca = self.summaries(r, e)
         self.cs_loc_, self.cs_scale_ = self._range(a_cs)
         self.pca_loc_, self.pca_scale_ = self._range(a_pca)
+        self.pdc_loc_, self.pdc_scale_ = self._range(self.summaries(r, d)[1])
         return self
 
     def _range(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -567,14 +576,27 @@ class CalibratedCSScorer(Scorer):
 
     def residuals(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """CS residual ``|x - x_hat|`` [B, T, N] and PCA squared error per row [B, T, N] (None before fit)."""
+        return self._residuals(values)[:2]
+
+    def _residuals(self, values: np.ndarray):
+        """:meth:`residuals` and, after fit, each metric's share of the row's PCA error [B, T, N].
+
+        The squared residual ``(C x)_j^2`` (``x`` centred, ``C = I - P P^T``) scores well but blames
+        badly: when two metrics always move together and one of them jumps, ``C x`` is as large on
+        the other, and after standardising, the quieter of the two takes the blame (a syscall storm
+        named ``syscalls_failed``, which fell by two calls). The partial decomposition
+        ``max(x_j (C x)_j, 0)`` of ``SPE = x^T C x`` weighs each metric's residual by its own
+        deviation ``x_j`` (Alcala & Qin, "Analysis and generalization of fault diagnosis methods for
+        process monitoring", J. Process Control 21, 2011); it ranks the contributions.
+        """
         v = np.asarray(values, dtype=np.float64)
         r = np.concatenate([np.abs(v[s: s + 256] - self.cs.reconstruct(v[s: s + 256])[1])
                             for s in range(0, v.shape[0], 256)]) if v.shape[0] else np.zeros_like(v)
         if self.components_ is None:
-            return r, None
+            return r, None, None
         x = v - self.pca_mean_
-        e = (x - (x @ self.components_.T) @ self.components_) ** 2
-        return r, e
+        res = x - (x @ self.components_.T) @ self.components_
+        return r, res ** 2, np.maximum(x * res, 0.0)
 
     def summaries(self, r: np.ndarray, e: np.ndarray | None, horizon: int | None = None):
         """Per-metric summaries over the newest ``horizon`` rows: P90 of r, mean of e."""
@@ -583,14 +605,22 @@ class CalibratedCSScorer(Scorer):
         a_pca = None if e is None else e[:, -h:, :].mean(axis=1)
         return a_cs, a_pca
 
-    def combine(self, a_cs: np.ndarray, a_pca: np.ndarray, pca_weight: float | None = None) -> ScoreBatch:
+    def combine(self, a_cs: np.ndarray, a_pca: np.ndarray, pca_weight: float | None = None,
+                a_pdc: np.ndarray | None = None) -> ScoreBatch:
+        """Scores from the standardised summaries; contributions from the same terms, or, given
+        ``a_pdc`` (and ``attribution="pdc"``), with the PCA term's decomposition in place of its
+        squared residual (the score is unchanged by the attribution)."""
         w = self.pca_weight if pca_weight is None else pca_weight
         z_cs = np.clip((a_cs - self.cs_loc_) / self.cs_scale_, 0.0, None)
         z_pca = np.clip((a_pca - self.pca_loc_) / self.pca_scale_, 0.0, None)
-        contrib = z_cs + w * z_pca
-        if self.transform == "sqrt":
-            contrib = np.sqrt(contrib)
-        return ScoreBatch(contrib.sum(axis=1), contrib, {"cs": z_cs.sum(axis=1), "pca": z_pca.sum(axis=1)})
+        per = self._transform(z_cs + w * z_pca)
+        contrib = per
+        if a_pdc is not None and self.attribution == "pdc" and self.pdc_loc_ is not None:
+            contrib = self._transform(z_cs + w * np.clip((a_pdc - self.pdc_loc_) / self.pdc_scale_, 0.0, None))
+        return ScoreBatch(per.sum(axis=1), contrib, {"cs": z_cs.sum(axis=1), "pca": z_pca.sum(axis=1)})
+
+    def _transform(self, z: np.ndarray) -> np.ndarray:
+        return np.sqrt(z) if self.transform == "sqrt" else z
 
     def score(self, windows: WindowBatch) -> ScoreBatch:
         if not self.fitted:
@@ -601,4 +631,6 @@ class CalibratedCSScorer(Scorer):
         if self.components_.shape[1] != v.shape[-1]:
             raise ValueError(f"CalibratedCSScorer was fitted on {self.components_.shape[1]} features, "
                              f"got windows with {v.shape[-1]}; fit it again on windows of these features")
-        return self.combine(*self.summaries(*self.residuals(v)))
+        r, e, d = self._residuals(v)
+        a_cs, a_pca = self.summaries(r, e)
+        return self.combine(a_cs, a_pca, a_pdc=self.summaries(r, d)[1])

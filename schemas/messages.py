@@ -148,7 +148,7 @@ class Score(EntityRef):
     score: float = Field(..., description="Higher is more anomalous; comparable only within one model_id.")
     threshold: float | None = Field(None, description="The model's own calibrated threshold, if it has one.")
     features: list[str]
-    contributions: list[float] = Field(..., description="Per-feature share of the score, same order as features.")
+    contributions: list[float] = Field(..., description="Per-feature contribution, same order as features: non-negative, larger means more responsible (consumers normalise them into shares).")
     detail: dict[str, float] = Field(default_factory=dict, description="Model-specific extras (e.g. broken_w10).")
 
     @model_validator(mode="after")

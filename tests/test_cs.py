@@ -199,3 +199,26 @@ def test_fast_grouping_matches_scipy_clustering():
         ref = fcluster(linkage(d[w][np.triu_indices(12, 1)], "average"), t=0.01, criterion="distance")
         same_fast = fast[w][:, None] == fast[w][None, :]
         assert np.array_equal(same_fast, ref[:, None] == ref[None, :])
+
+
+def test_calibrated_cs_blames_the_metric_that_moved_not_its_correlated_twin():
+    """Metrics 0 and 1 always move together; metric 0 jumps. The squared PCA residual is as large on
+    metric 1 (the correlation broke), so attribution="score" nearly ties them; the partial
+    decomposition (default) puts the blame on metric 0. The score does not depend on it."""
+    def wins(b, seed):
+        r = np.random.default_rng(seed)
+        t = np.arange(60)[None, :]
+        base = 0.5 + 0.3 * np.sin(2 * np.pi * t / 40 + r.uniform(0, 2 * np.pi, (b, 1)))
+        other = 0.5 + 0.3 * np.sin(2 * np.pi * t / 25 + r.uniform(0, 2 * np.pi, (b, 1)))
+        return np.stack([base, base + r.normal(0, 0.005, (b, 60)), other, r.normal(0.5, 0.05, (b, 60))], axis=2)
+
+    train, test = wins(64, 1), wins(1, 2)
+    test[0, -12:, 0] += 3.0
+    pdc = CalibratedCSScorer(max_calibration_windows=32).fit(batch(train)).score(batch(test))
+    raw = CalibratedCSScorer(max_calibration_windows=32, attribution="score").fit(batch(train)).score(batch(test))
+    np.testing.assert_allclose(pdc.scores, raw.scores)
+    c, d = pdc.contributions[0], raw.contributions[0]
+    assert c.argmax() == 0 and c[0] > 3 * c[1]
+    assert d[1] > 0.5 * d[0]  # the smear the decomposition removes
+    with pytest.raises(ValueError, match="attribution"):
+        CalibratedCSScorer(attribution="nope")
