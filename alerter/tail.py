@@ -44,7 +44,7 @@ class View:
         for a in shown:
             ratio = a.max_ratio if a.max_ratio is not None else (a.score / a.threshold if a.threshold else 0.0)
             t.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a.last_ts)),
-                      a.entity_id + (f" ({a.comm})" if a.comm else ""),
+                      a.entity_id + (f" ({a.comm})" if a.comm and a.comm not in a.entity_id else ""),
                       f"[{_STYLE[a.severity]}]{a.severity}[/]", a.status, str(a.revision), f"{ratio:.2f}x",
                       ",".join(m.split(":", 1)[0] for m in a.models),
                       ",".join(r.feature for r in a.root_causes[:3]), a.anomaly_id[:12])

@@ -340,7 +340,7 @@ def _print(r: dict) -> None:
     sa = r["score_agreement"]
     lines = [
         f"entity {r['entity']}, model cs",
-        f"                 deployed_f1  precision  recall  threshold",
+        "                 deployed_f1  precision  recall  threshold",
         f"offline          {off['deployed_f1']:11.4f} {off['precision']:10.4f} {off['recall']:7.4f}  {off['threshold']:.6g}",
         f"streaming        {st['deployed_f1']:11.4f} {st['precision']:10.4f} {st['recall']:7.4f}  "
         f"{st['threshold'] if st['threshold'] is None else format(st['threshold'], '.6g')}",

@@ -23,11 +23,11 @@ from tests.kafkautil import Proc, TopicReader, health
 
 pytestmark = [
     pytest.mark.broker, pytest.mark.ebpf, pytest.mark.slow, pytest.mark.timeout(1500),
-    # Opt-in until it passes reliably (issue 5 is open): an 8-minute run. On a machine whose other
-    # load comes and goes, the workloads' run-queue waits make false incidents in the normal stretch.
-    # OSAD_E2E=1 runs it; OSAD_E2E_DUMP=FILE keeps the Scores and Anomalies it saw.
-    pytest.mark.skipif(os.environ.get("OSAD_E2E") != "1",
-                       reason="end-to-end fault run, opt-in while issue 5 is open: set OSAD_E2E=1"),
+    # An 8-minute run, part of `./dev test` and CI. OSAD_E2E=0 skips it on a development machine;
+    # OSAD_E2E_DUMP=FILE keeps the Scores and Anomalies it saw (to study thresholds offline).
+    # It needs a machine without other heavy load that comes and goes: a process's run-queue waits
+    # grow with other load, and a big enough swing in the normal stretch is (rightly) an anomaly.
+    pytest.mark.skipif(os.environ.get("OSAD_E2E") == "0", reason="end-to-end fault run skipped by OSAD_E2E=0"),
 ]
 
 # fault -> metrics that fittingly explain it (the anomaly's top root-cause feature must be one)
@@ -116,6 +116,7 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
         deadline = t_fault + DETECT_WITHIN_S
         while time.monotonic() < deadline and len(seen) < len(workloads):
             anomalies.poll(300)
+            scores.poll(100)
             for a in anomalies.messages():
                 if a.status == "open" and a.pid in workloads and a.pid not in seen and a.anomaly_id not in normal_ids:
                     seen[a.pid] = time.monotonic() - t_fault
@@ -126,6 +127,7 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
         t_end = time.monotonic() + 15
         while time.monotonic() < t_end:
             anomalies.poll(300)
+            scores.poll(100)
         for pid, (fault, _) in workloads.items():
             mine = [a for a in anomalies.messages() if a.pid == pid and a.anomaly_id not in normal_ids]
             ids = {a.anomaly_id for a in mine}
@@ -134,6 +136,9 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
                 continue
             latest = max(mine, key=lambda a: a.revision)
             top = latest.root_causes[0].feature
+            print(f"{fault:9s} pid {pid}: opened {seen.get(pid, float('nan')):.1f} s after the change, "
+                  f"{latest.severity}, {latest.max_ratio:.1f}x, top "
+                  + ", ".join(f"{r.feature} {r.contribution:.2f}" for r in latest.root_causes[:3]))
             if top not in FAULTS[fault]:
                 failures.append(f"{fault}: top feature {top} ({[r.feature for r in latest.root_causes]})")
         assert not failures, "\n".join(failures)
