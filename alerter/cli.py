@@ -121,6 +121,10 @@ def _register_alert(sub) -> None:
            help="each (entity, model)'s first scores, assumed normal, on which its POT threshold is fitted")
     option(g, "--q", type=float, default=1e-3, check=lambda v: None if 0 < v < 1 else "must be in (0, 1)",
            help="POT risk: the probability that a normal score exceeds the threshold")
+    option(g, "--calibration-fence", type=float, default=6.0,
+           check=lambda v: None if v >= 0 else "must be 0 (off) or more",
+           help="before POT, leave out calibration scores above Q3 + this many IQR (at most 5%% of them), so a "
+           "one-off spike while calibrating cannot lift the threshold out of reach (0: off)")
     g.add_argument("--no-model-threshold", action="store_true",
                    help="ignore the thresholds models carry in their Scores (MSCRED's) and calibrate instead")
     _repeatable(g, "--threshold", type=_threshold_arg, metavar="MODEL_FAMILY=VALUE", split=",",
@@ -171,7 +175,8 @@ def run_alert(args) -> int:
     apply_common(args)
     try:
         cfg = AlerterConfig(
-            calibration_scores=args.calibration_scores, q=args.q, use_model_threshold=not args.no_model_threshold,
+            calibration_scores=args.calibration_scores, q=args.q, calibration_fence=args.calibration_fence,
+            use_model_threshold=not args.no_model_threshold,
             static_thresholds=dict(args.threshold), open_after=args.open_after, close_after=args.close_after,
             top_k=args.top_k, update_min_change=args.update_min_change, stale_windows=args.stale_windows,
             idle_timeout_s=args.idle_timeout_s, max_entities=args.max_entities)

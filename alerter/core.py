@@ -6,7 +6,9 @@ A *stream* is one (entity, model) pair. Each stream gets a threshold without lab
    also matches), else
 2. the model's own calibrated ``Score.threshold`` (MSCRED carries one), unless disabled, else
 3. POT (:func:`core.thresholds.pot_threshold`, probability ``q``) fitted on the stream's first
-   ``calibration_scores`` scores, which are assumed normal and not judged. POT falls back to
+   ``calibration_scores`` scores, which are assumed normal and not judged, leaving out gross
+   outliers above ``Q3 + calibration_fence * IQR`` (at most 5% of them; so a one-off spike in
+   calibration cannot lift the threshold out of reach; 0 disables). POT falls back to
    mean + 3 std when it cannot fit.
 
 A score is *over* when ``score > threshold``; its *ratio* is ``score / threshold``.
@@ -122,6 +124,7 @@ def parse_threshold_override(text: str) -> tuple[str, float]:
 class AlerterConfig:
     calibration_scores: int = 100
     q: float = 1e-3
+    calibration_fence: float = 6.0
     use_model_threshold: bool = True
     static_thresholds: Mapping[str, float] = field(default_factory=dict)
     open_after: int = 2
@@ -136,6 +139,7 @@ class AlerterConfig:
         checks = [
             (self.calibration_scores >= 2, "calibration_scores must be at least 2"),
             (0 < self.q < 1, f"q must be a probability in (0, 1), got {self.q}"),
+            (self.calibration_fence >= 0, "calibration_fence must be 0 (off) or more"),
             (self.open_after >= 1, "open_after must be at least 1"),
             (self.close_after >= 1, "close_after must be at least 1"),
             (self.top_k >= 1, "top_k must be at least 1"),
@@ -343,11 +347,14 @@ class Engine:
         if math.isfinite(s.score):
             st.calib.append(float(s.score))
         if len(st.calib) >= self.cfg.calibration_scores:
-            r = pot_threshold(st.calib, q=self.cfg.q)
+            r = pot_threshold(st.calib, q=self.cfg.q, fence_k=self.cfg.calibration_fence or None)
             st.threshold, st.method, st.calib = max(r.value, MIN_THRESHOLD), r.method, []
             self.counters["calibrated"] += 1
-            log.info("threshold for %s is %.6g (%s on %d scores)", s.model_id, st.threshold, r.method,
-                     self.cfg.calibration_scores)
+            out = r.info.get("left_out", 0)
+            log.info("threshold for %s of %s is %.6g (%s on %d scores%s)", s.model_id, s.entity_id, st.threshold,
+                     r.method, self.cfg.calibration_scores,
+                     f"; {out} above Q3 + {self.cfg.calibration_fence:g} IQR = {r.info['fence']:.6g} left out"
+                     if out else "")
         return None
 
     def observe(self, s: Score, now: float) -> list[Anomaly]:

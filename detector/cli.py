@@ -78,6 +78,8 @@ def _register_evaluate(sub) -> None:
            help="share of train (its tail) held out to choose the label-free threshold")
     option(p, "--q", type=float, default=1e-3, check=lambda v: None if 0 < v < 1 else "must be in (0, 1)",
            help="POT risk: probability that a normal window exceeds the threshold")
+    option(p, "--calibration-fence", type=float, default=6.0, check=lambda v: None if v >= 0 else "must be 0 (off) or more",
+           help="leave out held-out scores above Q3 + this many IQR (at most 5%%) before POT, as 'osad alert' does (0: off)")
     option(p, "--seed", type=int, default=0, help="seed of every random draw (sampling, random baseline)")
     option(p, "--threads", type=int, default=0, help="torch threads per process (0: 1; parallelism comes from --jobs)")
     option(p, "--limit-train", type=int, default=0, help="use only the last N train rows (0: all; quick runs)")
@@ -119,7 +121,7 @@ def _run_evaluate(args) -> int:
         return 2
     models += [b for b in base if b not in models]
     try:
-        cfg = EvalConfig(val_fraction=args.val_fraction, q=args.q, seed=args.seed, threads=args.threads or None,
+        cfg = EvalConfig(val_fraction=args.val_fraction, q=args.q, fence=args.calibration_fence, seed=args.seed, threads=args.threads or None,
                          limit_train=args.limit_train or None, limit_test=args.limit_test or None,
                          fit_options=_parse_fit_options(args.fit_option) or None)
         entities = [e.strip() for e in args.entities.split(",") if e.strip()] or None

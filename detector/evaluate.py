@@ -189,6 +189,7 @@ class EvalConfig:
     val_fraction: float = 0.2
     q: float = 1e-3
     level: float = 0.98
+    fence: float = 6.0  # leave out gross outliers (> Q3 + fence * IQR) before POT, as the alerter does (0: off)
     gap: int = DEFAULT_GAP
     scales: tuple = DEFAULT_SCALES
     step: int = DEFAULT_STEP
@@ -250,7 +251,7 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
         # held-out train tail, then test, on the featurizer's grid of a stream that starts at train row 0
         # (the tail's windows are the grid's: the rows after its last one are scored by the first test window)
         _, _, val_scores = score_points(scorer, xtr[:n_fit], xtr[n_fit:], seq0=seq0 + n_fit, cover_last=False, **pkw)
-        thr = pot_threshold(val_scores, q=cfg.q, level=cfg.level)
+        thr = pot_threshold(val_scores, q=cfg.q, level=cfg.level, fence_k=cfg.fence or None)
         s, c, w_scores = score_points(scorer, xtr, xte, seq0=seq0 + n_train, **pkw)
         t2 = time.perf_counter()
         dep = M.f1_at(s, labels, thr.value)

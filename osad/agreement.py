@@ -237,9 +237,12 @@ def _stream(args, plan: Plan, ent, work: Path) -> dict:
     """Replay through the real services; returns predictions, point scores and the threshold used."""
     from alerter.report import Collected, load_kafka
     from alerter.store import open_store
+    from detector.evaluate import EvalConfig
     from runtime.broker import EmbeddedBroker, free_port
     from runtime.kafka import ensure_topics
     from schemas import SCORES
+
+    cfg = EvalConfig()  # the offline side's threshold rule, which the alerter must apply too
 
     prefix = f"agree{uuid.uuid4().hex[:8]}."
     env = dict(os.environ, PYTHONUNBUFFERED="1", OSAD_TOPIC_PREFIX=prefix)
@@ -264,7 +267,8 @@ def _stream(args, plan: Plan, ent, work: Path) -> dict:
         svc.start("detector", _osad("detect", "--bootstrap", bootstrap, "--models", str(work / "models"),
                                     "--cs-calibrate", str(plan.fit_windows)))
         svc.start("alerter", _osad("alert", "--bootstrap", bootstrap, "--store", store_url,
-                                   "--calibration-scores", str(plan.val_windows), "--q", "0.001",
+                                   "--calibration-scores", str(plan.val_windows), "--q", str(cfg.q),
+                                   "--calibration-fence", str(cfg.fence),
                                    "--open-after", "1", "--close-after", "1"))
         svc.start("replay", _osad(*replay))
         _say(f"streaming: replaying {plan.n_train + plan.n_test} rows through featurizer, detector and alerter "

@@ -45,13 +45,35 @@ def test_threshold_is_pot_on_the_first_scores_which_are_not_judged():
     eng = Engine(AlerterConfig(calibration_scores=100, q=1e-3))
     assert feed(eng, [sc(i, v) for i, v in enumerate(vals)]) == []
     st = eng.entities["h/1@100"].streams[CS]
-    expected = pot_threshold(vals, q=1e-3)
+    expected = pot_threshold(vals, q=1e-3, fence_k=6.0)
     assert st.threshold == pytest.approx(expected.value) and st.method == expected.method
+    assert expected.info["left_out"] == 1  # the spike, above Q3 + 6 IQR, is left out of the fit
     assert eng.counters["calibrated"] == 1
     # judged from the next score on
     t = st.threshold
     assert feed(eng, [sc(100, 0.5 * t)]) == [] and st.under_run == 1
     assert feed(eng, [sc(101, 2 * t), sc(102, 2 * t)])[0].status == "open"
+
+
+def test_a_spike_while_calibrating_does_not_lift_the_threshold_out_of_reach():
+    """Seen once end to end: one process's POT threshold came out at 1326 where its neighbours got
+    10-15, and its syscall storm never opened. A spike in its 60 calibration scores does that."""
+    rng = np.random.default_rng(7)
+    vals = 4.0 + rng.gamma(4.0, 0.5, 60)
+    vals[[20, 21]] = [400.0, 250.0]
+    fenced = Engine(AlerterConfig(calibration_scores=60, open_after=3))
+    unfenced = Engine(AlerterConfig(calibration_scores=60, open_after=3, calibration_fence=0))
+    fault = [sc(60 + i, 100.0) for i in range(3)]
+    for eng in (fenced, unfenced):
+        assert feed(eng, [sc(i, v) for i, v in enumerate(vals)]) == []
+    t_fenced = fenced.entities["h/1@100"].streams[CS].threshold
+    t_unfenced = unfenced.entities["h/1@100"].streams[CS].threshold
+    assert t_fenced == pytest.approx(pot_threshold(vals[vals < 100], q=1e-3).value)  # as if no spike
+    assert t_fenced < 100 < 1000 < t_unfenced
+    assert [a.status for a in feed(fenced, fault)] == ["open"]
+    assert feed(unfenced, fault) == []
+    with pytest.raises(ValueError, match="calibration_fence"):
+        AlerterConfig(calibration_fence=-1)
 
 
 def test_model_threshold_static_override_and_no_model_threshold():

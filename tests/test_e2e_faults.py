@@ -75,9 +75,10 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
                            "--cs-calibrate", "30",
                            "--metrics-port", str(dport)], tmp_path / "detector.log"))
         aport = free_port()
-        procs.append(Proc(["alert", "--bootstrap", bs, "--store", f"sqlite:///{tmp_path / 'anomalies.db'}",
-                           "--calibration-scores", "60", "--open-after", "3", "--close-after", "3",
-                           "--metrics-port", str(aport)], tmp_path / "alerter.log"))
+        alerter = Proc(["alert", "--bootstrap", bs, "--store", f"sqlite:///{tmp_path / 'anomalies.db'}",
+                        "--calibration-scores", "60", "--open-after", "3", "--close-after", "3",
+                        "--metrics-port", str(aport)], tmp_path / "alerter.log")
+        procs.append(alerter)
         for port in (dport, aport):
             wait_until(lambda: (health(port) or {}).get("status") == "ok", 120, what="services healthy")
         pids = ",".join(str(p) for p in workloads)
@@ -141,6 +142,8 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
                   + ", ".join(f"{r.feature} {r.contribution:.2f}" for r in latest.root_causes[:3]))
             if top not in FAULTS[fault]:
                 failures.append(f"{fault}: top feature {top} ({[r.feature for r in latest.root_causes]})")
+        if failures:  # the thresholds each process got explain most failures
+            failures += [ln for ln in alerter.text().splitlines() if "threshold for cs-calibrated" in ln]
         assert not failures, "\n".join(failures)
     finally:
         for p in reversed(procs):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from core import metrics as M
-from core.thresholds import SPOT, fit_gpd, pot_threshold, sigma_threshold
+from core.thresholds import SPOT, fence, fit_gpd, pot_threshold, sigma_threshold
 
 
 def test_best_f1_hand_example():
@@ -130,6 +130,22 @@ def test_pot_falls_back_to_mean_plus_3_sigma():
     assert sigma_threshold([0.0, 2.0], k=1.0).value == pytest.approx(2.0)
     with pytest.raises(ValueError, match="in \\(0, 1\\)"):
         pot_threshold([1.0] * 100, q=2.0)
+
+
+def test_fence_leaves_out_a_spike_but_not_a_mode():
+    rng = np.random.default_rng(2)
+    s = rng.normal(10.0, 1.0, 200)
+    kept, f, n = fence(s)
+    assert n == 0 and np.array_equal(kept, s)  # nothing far out in a normal sample
+    s[5] = 1e6
+    kept, f, n = fence(s)
+    q1, q3 = np.percentile(s, [25, 75])
+    assert n == 1 and f == pytest.approx(q3 + 6 * (q3 - q1)) and kept.size == 199 and 1e6 not in kept
+    assert pot_threshold(s, fence_k=6.0).value == pytest.approx(pot_threshold(np.delete(s, 5)).value)
+    assert pot_threshold(s).value > 1000
+    s[:20] = 1e6  # 10% that far out: a mode of normal behaviour, kept
+    assert fence(s)[2] == 0 and fence(s)[0].size == 200
+    assert fence(np.ones(50))[2] == 0  # no spread: nothing to judge by
 
 
 def test_spot_streaming():
