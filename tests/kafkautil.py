@@ -100,6 +100,7 @@ class Proc:
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -108,7 +109,7 @@ def http_get(port: int, path: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-    except OSError:
+    except (OSError, http.client.HTTPException):  # not listening yet, or not speaking HTTP
         return 0, ""
 
 

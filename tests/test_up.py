@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -49,3 +50,16 @@ def test_up_runs_the_pipeline_and_ctrl_c_stops_everything(tmp_path, datasets_dir
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running after Ctrl-C: {alive}"
     assert "osad up: stopped" in (tmp_path / "up.log").read_text()
+
+
+def test_free_ports_are_outside_the_ephemeral_range_so_polling_cannot_self_connect():
+    """CI once read back its own "GET /healthz" as the status line: the health poll, sent before the
+    service listened on an ephemeral port, connected to itself."""
+    from runtime.broker import _ephemeral_range, free_port
+
+    lo, hi = _ephemeral_range()
+    for _ in range(50):
+        p = free_port()
+        assert not lo <= p <= hi, (p, lo, hi)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # and nothing holds it
