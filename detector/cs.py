@@ -567,7 +567,7 @@ class CalibratedCSScorer(Scorer):
         a_cs, a_pca = self.summaries(r, e)
         self.cs_loc_, self.cs_scale_ = self._range(a_cs)
         self.pca_loc_, self.pca_scale_ = self._range(a_pca)
-        self.pdc_loc_, self.pdc_scale_ = self._range(self.summaries(r, d)[1])
+        self.pdc_loc_, self.pdc_scale_ = self._range(self._tail_mean(d))
         return self
 
     def _range(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -602,8 +602,11 @@ class CalibratedCSScorer(Scorer):
         """Per-metric summaries over the newest ``horizon`` rows: P90 of r, mean of e."""
         h = min(horizon or self.horizon, r.shape[1])
         a_cs = np.percentile(r[:, -h:, :], self.cs.percentile, axis=1)
-        a_pca = None if e is None else e[:, -h:, :].mean(axis=1)
-        return a_cs, a_pca
+        return a_cs, None if e is None else self._tail_mean(e, h)
+
+    def _tail_mean(self, e: np.ndarray, horizon: int | None = None) -> np.ndarray:
+        h = min(horizon or self.horizon, e.shape[1])
+        return e[:, -h:, :].mean(axis=1)
 
     def combine(self, a_cs: np.ndarray, a_pca: np.ndarray, pca_weight: float | None = None,
                 a_pdc: np.ndarray | None = None) -> ScoreBatch:
@@ -633,4 +636,4 @@ class CalibratedCSScorer(Scorer):
                              f"got windows with {v.shape[-1]}; fit it again on windows of these features")
         r, e, d = self._residuals(v)
         a_cs, a_pca = self.summaries(r, e)
-        return self.combine(a_cs, a_pca, a_pdc=self.summaries(r, d)[1])
+        return self.combine(a_cs, a_pca, a_pdc=self._tail_mean(d))
