@@ -8,6 +8,7 @@ import re
 import sys
 import time
 
+from core.thresholds import DEFAULT_FENCE_K
 from runtime.config import ConfigError, add_kafka_options, env_name, non_negative, option, positive
 
 SEVERITIES = ("low", "medium", "high", "critical")  # alerter.core.SEVERITIES, without importing it here
@@ -121,7 +122,7 @@ def _register_alert(sub) -> None:
            help="each (entity, model)'s first scores, assumed normal, on which its POT threshold is fitted")
     option(g, "--q", type=float, default=1e-3, check=lambda v: None if 0 < v < 1 else "must be in (0, 1)",
            help="POT risk: the probability that a normal score exceeds the threshold")
-    option(g, "--calibration-fence", type=float, default=6.0,
+    option(g, "--calibration-fence", type=float, default=DEFAULT_FENCE_K,
            check=lambda v: None if v >= 0 else "must be 0 (off) or more",
            help="before POT, leave out calibration scores above Q3 + this many IQR (at most 5%% of them), so a "
            "one-off spike while calibrating cannot lift the threshold out of reach (0: off)")

@@ -57,7 +57,7 @@ from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping
 
-from core.thresholds import pot_threshold
+from core.thresholds import DEFAULT_FENCE_K, pot_threshold
 from schemas import Anomaly, RootCause, Score
 
 log = logging.getLogger("osad.alerter")
@@ -124,7 +124,7 @@ def parse_threshold_override(text: str) -> tuple[str, float]:
 class AlerterConfig:
     calibration_scores: int = 100
     q: float = 1e-3
-    calibration_fence: float = 6.0
+    calibration_fence: float = DEFAULT_FENCE_K
     use_model_threshold: bool = True
     static_thresholds: Mapping[str, float] = field(default_factory=dict)
     open_after: int = 2

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Threshold", "fence", "fit_gpd", "pot_threshold", "sigma_threshold", "SPOT"]
+__all__ = ["DEFAULT_FENCE_K", "Threshold", "fence", "fit_gpd", "pot_threshold", "sigma_threshold", "SPOT"]
 
 
 @dataclass
@@ -141,7 +141,12 @@ def _z_q(t: float, gamma: float, sigma: float, q: float, n: int, n_t: int) -> fl
     return t + sigma / gamma * (r ** (-gamma) - 1.0)
 
 
-def fence(scores, k: float = 6.0, max_share: float = 0.05) -> tuple[np.ndarray, float, int]:
+#: how far out (in IQRs above Q3) a calibration score must be to be left out; shared by the alerter
+#: and the offline evaluation, so both fit the same threshold (see :func:`fence`)
+DEFAULT_FENCE_K = 6.0
+
+
+def fence(scores, k: float = DEFAULT_FENCE_K, max_share: float = 0.05) -> tuple[np.ndarray, float, int]:
     """Leave out gross outliers: scores above ``Q3 + k * IQR``, when they are at most ``max_share``
     of all (else they are a mode of normal behaviour, not a spike, and all are kept).
 

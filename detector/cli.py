@@ -54,6 +54,7 @@ def _run_train(args) -> int:
 
 
 def _register_evaluate(sub) -> None:
+    from core.thresholds import DEFAULT_FENCE_K
     from runtime.config import option, positive
 
     p = sub.add_parser(
@@ -78,7 +79,7 @@ def _register_evaluate(sub) -> None:
            help="share of train (its tail) held out to choose the label-free threshold")
     option(p, "--q", type=float, default=1e-3, check=lambda v: None if 0 < v < 1 else "must be in (0, 1)",
            help="POT risk: probability that a normal window exceeds the threshold")
-    option(p, "--calibration-fence", type=float, default=6.0, check=lambda v: None if v >= 0 else "must be 0 (off) or more",
+    option(p, "--calibration-fence", type=float, default=DEFAULT_FENCE_K, check=lambda v: None if v >= 0 else "must be 0 (off) or more",
            help="leave out held-out scores above Q3 + this many IQR (at most 5%%) before POT, as 'osad alert' does (0: off)")
     option(p, "--seed", type=int, default=0, help="seed of every random draw (sampling, random baseline)")
     option(p, "--threads", type=int, default=0, help="torch threads per process (0: 1; parallelism comes from --jobs)")

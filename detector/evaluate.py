@@ -34,7 +34,7 @@ import numpy as np
 from core import metrics as M
 from core.datasets import Entity, list_entities, load_entity
 from core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, signature_windows, span
-from core.thresholds import pot_threshold
+from core.thresholds import DEFAULT_FENCE_K, pot_threshold
 from detector.base import Scorer, WindowBatch
 
 BASELINES = ("pca", "l2", "random")
@@ -189,7 +189,7 @@ class EvalConfig:
     val_fraction: float = 0.2
     q: float = 1e-3
     level: float = 0.98
-    fence: float = 6.0  # leave out gross outliers (> Q3 + fence * IQR) before POT, as the alerter does (0: off)
+    fence: float = DEFAULT_FENCE_K  # leave out gross outliers (> Q3 + fence * IQR) before POT, as the alerter does (0: off)
     gap: int = DEFAULT_GAP
     scales: tuple = DEFAULT_SCALES
     step: int = DEFAULT_STEP
