@@ -148,6 +148,20 @@ def _register_alert(sub) -> None:
            help="most entities held in memory (least recently seen leave first; their state stays in the store)")
     option(g, "--state-ttl-s", type=float, default=7 * 86400.0, check=positive,
            help="forget the stored thresholds of entities without an open incident not seen for this long")
+    g = p.add_argument_group("host-wide events", "several processes of one host that deviate together (e.g. all "
+                             "waiting for a CPU) make one host event (entity host:<host>) instead of one incident each")
+    option(g, "--host-min-entities", type=int, default=3,
+           check=lambda v: None if v == 0 or v >= 2 else "must be 0 (off) or at least 2",
+           help="fewest processes that make a host event; 0 turns host events off")
+    option(g, "--host-share", type=float, default=0.5, check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+           help="...and at least this share of the host's watched processes")
+    option(g, "--host-similarity", type=float, default=0.7,
+           check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+           help="processes over threshold together belong to one event when their root-cause profiles have at least "
+           "this cosine similarity")
+    option(g, "--host-lift", type=float, default=2.0, check=lambda v: None if v >= 1 else "must be at least 1",
+           help="a feature leading most processes' windows at once is a host event when it leads at least this many "
+           "times as many processes as usual")
     g = p.add_argument_group("webhooks")
     option(g, "--webhook-queue", type=int, default=1000, check=positive,
            help="anomalies waiting per webhook; when full the oldest is dropped (and counted)")
@@ -180,7 +194,9 @@ def run_alert(args) -> int:
             use_model_threshold=not args.no_model_threshold,
             static_thresholds=dict(args.threshold), open_after=args.open_after, close_after=args.close_after,
             top_k=args.top_k, update_min_change=args.update_min_change, stale_windows=args.stale_windows,
-            idle_timeout_s=args.idle_timeout_s, max_entities=args.max_entities)
+            idle_timeout_s=args.idle_timeout_s, max_entities=args.max_entities,
+            host_min_entities=args.host_min_entities, host_share=args.host_share,
+            host_similarity=args.host_similarity, host_lift=args.host_lift)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     try:
@@ -343,7 +359,8 @@ def run_show(args) -> int:
         ("ended", f"{_ts(a.end_ts)} UTC" if a.end_ts is not None else "- (open)"),
         ("score", f"{a.score:.6g} (threshold {a.threshold:.6g}, ratio {_ratio(a)})"),
         ("windows over", a.windows_over), ("first window", a.first_window_seq), ("models", ", ".join(a.models)),
-        ("summary", a.summary),
+        ("scope", a.scope if a.scope != "entity" else None),
+        ("members", ", ".join(a.members)), ("summary", a.summary),
     ]
     for k, v in lines:
         if v is not None and v != "":

@@ -23,6 +23,14 @@ Incidents, one per entity at a time (OR across models):
   threshold (a model that has not reported for ``stale_windows`` windows does not hold it open), or
   the entity sent nothing for ``idle_timeout_s``.
 
+Host-wide events: when several processes of one host deviate together with the same root-cause
+profile, the cause is most likely the host (CPU contention, steal time on a VM, a noisy neighbour),
+not each process. Such windows make one incident of the host (``scope='host'``, entity_id
+``host:<host>``, ``members`` = the processes) instead of one per process; a process whose profile
+differs (the culprit that spins while the others wait for a CPU) keeps its own incident. The rules
+are in :meth:`Engine._host_group`; ``host_min_entities=0`` turns them off. They see the entities
+held by one alerter: run one alerter per group of hosts (the default, one alerter) for them to apply.
+
 Severity from the incident's max ratio: low < 1.5 <= medium < 3 <= high < 10 <= critical.
 
 Root cause: for every score over threshold in the incident (including the windows of the run that
@@ -54,7 +62,7 @@ import hashlib
 import logging
 import math
 from collections import Counter, OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping
 
 from core.thresholds import DEFAULT_FENCE_K, pot_threshold
@@ -68,6 +76,10 @@ SEVERITY_BOUNDS = (1.5, 3.0, 10.0)
 #: a chosen threshold is never below this (a constant calibration period would give 0)
 MIN_THRESHOLD = 1e-9
 STATE_VERSION = 1
+#: weight of one window in an entity's running rate of each feature leading its contributions
+TOP_FREQ_ALPHA = 0.02
+#: windows an entity must have had before its usual leading features are trusted
+TOP_FREQ_MIN_WINDOWS = 20
 
 
 def severity_of(ratio: float) -> str:
@@ -134,6 +146,10 @@ class AlerterConfig:
     stale_windows: int = 30
     idle_timeout_s: float = 600.0
     max_entities: int = 10_000
+    host_min_entities: int = 3
+    host_share: float = 0.5
+    host_similarity: float = 0.7
+    host_lift: float = 2.0
 
     def __post_init__(self):
         checks = [
@@ -147,6 +163,11 @@ class AlerterConfig:
             (self.stale_windows >= 1, "stale_windows must be at least 1"),
             (self.idle_timeout_s > 0, "idle_timeout_s must be greater than 0"),
             (self.max_entities >= 1, "max_entities must be at least 1"),
+            (self.host_min_entities == 0 or self.host_min_entities >= 2,
+             "host_min_entities must be 0 (no host-wide events) or at least 2"),
+            (0 < self.host_share <= 1, f"host_share must be in (0, 1], got {self.host_share}"),
+            (0 < self.host_similarity <= 1, f"host_similarity must be in (0, 1], got {self.host_similarity}"),
+            (self.host_lift >= 1, f"host_lift must be at least 1, got {self.host_lift}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -218,11 +239,20 @@ class EntityState:
     incident: Incident | None = None
     max_seq: int = -1
     last_closed_seq: int = -1
+    last_ts: float = 0.0  # window_end_ts of the newest score
+    last_over_ts: float = -math.inf  # window_end_ts of the newest score over threshold
+    recent: list = field(default_factory=list)  # [window_end_ts, weights] of recent scores over threshold
+    recent_top: list = field(default_factory=list)  # [window_end_ts, top feature] of recent scores
+    top_freq: dict = field(default_factory=dict)  # feature -> how often it leads the contributions when not over
+    top_n: int = 0  # windows counted in top_freq
+    host_event: str | None = None  # anomaly_id of the host-wide event this entity's windows are part of
     last_seen: float = 0.0  # wall clock of the last score (not persisted: a reload counts as seen)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("last_seen")
+        if not math.isfinite(d["last_over_ts"]):
+            d["last_over_ts"] = None  # JSON has no -inf
         d["v"] = STATE_VERSION
         return d
 
@@ -236,8 +266,47 @@ class EntityState:
             s["pending"] = [Evidence(**e) for e in s.get("pending", [])]
             streams[k] = Stream(**s)
         inc = Incident(**d["incident"]) if d.get("incident") else None
+        last_over = d.get("last_over_ts")
         return cls(entity_id=d["entity_id"], ref=dict(d.get("ref") or {}), streams=streams, incident=inc,
-                   max_seq=d.get("max_seq", -1), last_closed_seq=d.get("last_closed_seq", -1))
+                   max_seq=d.get("max_seq", -1), last_closed_seq=d.get("last_closed_seq", -1),
+                   last_ts=d.get("last_ts", 0.0), last_over_ts=-math.inf if last_over is None else last_over,
+                   recent=list(d.get("recent") or []), recent_top=list(d.get("recent_top") or []),
+                   top_freq=dict(d.get("top_freq") or {}), top_n=d.get("top_n", 0), host_event=d.get("host_event"))
+
+
+@dataclass
+class HostState:
+    """Host-wide events of one host: at most one open at a time. Its times ("seqs") are window end
+    times in milliseconds, as windows of different processes have unrelated sequence numbers."""
+
+    host: str
+    incident: Incident | None = None
+    members: list[str] = field(default_factory=list)  # entity ids folded into the open event
+    last_closed_seq: int = -1
+    last_seen: float = 0.0  # wall clock (not persisted)
+
+    @property
+    def key(self) -> str:
+        return host_key(self.host)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("last_seen")
+        d.update(kind="host", v=STATE_VERSION, entity_id=self.key)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HostState":
+        if d.get("v") != STATE_VERSION or d.get("kind") != "host":
+            raise ValueError(f"not a host state of version {STATE_VERSION}: {d.get('kind')!r} v{d.get('v')}")
+        inc = Incident(**d["incident"]) if d.get("incident") else None
+        return cls(host=d["host"], incident=inc, members=list(d.get("members") or []),
+                   last_closed_seq=d.get("last_closed_seq", -1))
+
+
+def host_key(host: str) -> str:
+    """The entity_id of a host's host-wide events (and the key of its state)."""
+    return f"host:{host}"
 
 
 _REF_FIELDS = ("host", "pid", "comm", "cgroup", "container_id")
@@ -260,6 +329,8 @@ class Engine:
         self.entities: OrderedDict[str, EntityState] = OrderedDict()  # least recently seen first
         self._dirty: set[str] = set()
         self._evicted: dict[str, dict] = {}  # dropped from memory, not yet handed over for persisting
+        self.hosts: dict[str, HostState] = {}
+        self._by_host: dict[str, set[str]] = {}  # host -> entity ids in memory
         self.counters: Counter = Counter()
 
     # -- entities ---------------------------------------------------------------------------
@@ -280,7 +351,23 @@ class Engine:
         self.entities.move_to_end(eid)
         ent.last_seen = now
         ent.ref = {k: getattr(s, k) for k in _REF_FIELDS}
+        self._by_host.setdefault(s.host, set()).add(eid)
         return ent
+
+    def _host_of(self, ent: EntityState, now: float) -> HostState | None:
+        """The host's state (loaded or new); None when host-wide events are off."""
+        if self.cfg.host_min_entities == 0:
+            return None
+        host = ent.ref["host"]
+        hs = self.hosts.get(host)
+        if hs is None:
+            key = host_key(host)
+            snap = self._evicted.pop(key, None)
+            if snap is None and self._load is not None:
+                snap = self._load(key)
+            hs = self.hosts[host] = HostState.from_dict(snap) if snap is not None else HostState(host)
+        hs.last_seen = now
+        return hs
 
     def _evict_over_cap(self) -> None:
         while len(self.entities) > self.cfg.max_entities:
@@ -290,6 +377,7 @@ class Engine:
 
     def _forget(self, eid: str, ent: EntityState) -> None:
         del self.entities[eid]
+        self._by_host.get(ent.ref.get("host"), set()).discard(eid)
         if eid in self._dirty:
             self._dirty.discard(eid)
             self._evicted[eid] = ent.to_dict()
@@ -297,6 +385,13 @@ class Engine:
     def close_stale(self, snapshot: dict) -> list[Anomaly]:
         """Close the incident of a persisted state that no Score brought (an entity that went away
         while no alerter ran). Nothing happens when the entity is in memory (it is live here)."""
+        if snapshot.get("kind") == "host":
+            hs = HostState.from_dict(snapshot)
+            if hs.host in self.hosts or hs.incident is None or hs.key in self._evicted:
+                return []
+            out = self._close_host(hs, why="no scores")
+            self._evicted[hs.key] = hs.to_dict()
+            return out
         ent = EntityState.from_dict(snapshot)
         eid = ent.entity_id
         if eid in self.entities or eid in self._evicted or ent.incident is None:
@@ -312,6 +407,8 @@ class Engine:
         for eid in entity_ids:
             ent = self.entities.pop(eid, None)
             self._dirty.discard(eid)
+            if ent is not None:
+                self._by_host.get(ent.ref.get("host"), set()).discard(eid)
             snap = self._evicted.pop(eid, None)
             if ent is not None:
                 out[eid] = ent.to_dict()
@@ -323,15 +420,19 @@ class Engine:
         """States changed since the last call (entity id -> state dict), to persist."""
         out = dict(self._evicted)
         self._evicted.clear()
+        hosts = {hs.key: hs for hs in self.hosts.values()}
         for eid in self._dirty:
             ent = self.entities.get(eid)
             if ent is not None:
                 out[eid] = ent.to_dict()
+            elif eid in hosts:
+                out[eid] = hosts[eid].to_dict()
         self._dirty.clear()
         return out
 
     def open_incidents(self) -> int:
-        return sum(1 for e in self.entities.values() if e.incident is not None)
+        return (sum(1 for e in self.entities.values() if e.incident is not None)
+                + sum(1 for h in self.hosts.values() if h.incident is not None))
 
     # -- scores -----------------------------------------------------------------------------
     def _threshold(self, st: Stream, s: Score) -> float | None:
@@ -371,20 +472,30 @@ class Engine:
         self._dirty.add(ent.entity_id)
         st.last_seq, st.gap = seq, s.gap
         ent.max_seq = max(ent.max_seq, seq)
+        ent.last_ts = max(ent.last_ts, s.window_end_ts)
+        hs = self._host_of(ent, now)
         thr = self._threshold(st, s)
+        over = thr is not None and math.isfinite(s.score) and s.score > thr
+        if hs is not None:
+            self._track_top(ent, s, over)
         if thr is None:
             return []  # calibrating: not judged
         st.judged_threshold = thr
         inc = ent.incident
         opened = False
-        if math.isfinite(s.score) and s.score > thr:
+        if over:
             ratio = s.score / thr
             ev = Evidence(seq, s.window_end_ts, s.window_end_ts - s.gap * s.interval_s, ratio, s.score, thr,
                           s.model_id, _weights(s, ratio))
             st.over_run += 1
             st.under_run = 0
+            self._remember(ent, ev, s)
             if inc is None:
                 st.pending = (st.pending + [ev])[-self.cfg.open_after:]
+                if hs is not None and (ent.host_event or st.over_run >= self.cfg.open_after):
+                    group = self._host_group(ent, hs, s)
+                    if group:
+                        return self._fold(hs, group, s)
                 if st.over_run >= self.cfg.open_after:
                     inc, opened = self._open(ent, s), True
             else:
@@ -393,22 +504,23 @@ class Engine:
             st.over_run = 0
             st.under_run += 1
             st.pending = []
+        out = self._host_check(ent, hs, s) if hs is not None else []
         if inc is None:
-            return []
+            return out
         if seq > inc.last_seq:
             inc.last_seq, inc.last_ts = seq, s.window_end_ts
         if opened:
             self.counters["opened"] += 1
-            return [self._publish(ent, inc, "open", seq)]
+            return out + [self._publish(ent, inc, "open", seq)]
         if self._should_close(ent):
             ent.incident = None
             ent.last_closed_seq = max(ent.last_closed_seq, inc.last_seq)
             self.counters["closed"] += 1
-            return [self._publish(ent, inc, "closed", seq)]
+            return out + [self._publish(ent, inc, "closed", seq)]
         if seq > inc.published_seq and self._changed(inc):
             self.counters["updated"] += 1
-            return [self._publish(ent, inc, "update", seq)]
-        return []
+            return out + [self._publish(ent, inc, "update", seq)]
+        return out
 
     def tick(self, now: float) -> list[Anomaly]:
         """Close the incidents of entities idle for ``idle_timeout_s`` and forget those entities."""
@@ -420,7 +532,21 @@ class Engine:
             out += self.close_idle(eid)
             self._forget(eid, ent)
             self.counters["evicted_idle"] += 1
+        for host, hs in list(self.hosts.items()):
+            if hs.last_seen > limit:
+                continue
+            if hs.incident is not None:
+                out += self._close_host(hs, why="no scores")
+            if not self._by_host.get(host):
+                self._by_host.pop(host, None)
+                self._forget_host(hs)
         return out
+
+    def _forget_host(self, hs: HostState) -> None:
+        del self.hosts[hs.host]
+        if hs.key in self._dirty:
+            self._dirty.discard(hs.key)
+            self._evicted[hs.key] = hs.to_dict()
 
     def close_idle(self, eid: str) -> list[Anomaly]:
         ent = self.entities.get(eid)
@@ -464,26 +590,176 @@ class Engine:
                 or inc.max_ratio > inc.published_ratio * (1.0 + self.cfg.update_min_change))
 
     def _publish(self, ent: EntityState, inc: Incident, status: str, seq: int, why: str = "") -> Anomaly:
+        return self._anomaly(ent.entity_id, ent.ref, inc, status, seq, ent.ref.get("comm") or ent.entity_id, why)
+
+    def _anomaly(self, entity_id: str, ref: dict, inc: Incident, status: str, seq: int, lead: str, why: str,
+                 **extra) -> Anomaly:
         inc.revision += 1
         top = self._top(inc)
         sev = severity_of(inc.max_ratio)
         inc.published_seq, inc.published_ratio, inc.published_severity = seq, inc.max_ratio, sev
         inc.published_top, inc.published_models = [f for f, _ in top], list(inc.models)
-        who = ent.ref.get("comm") or ent.entity_id
-        summary = (f"{who}: {', '.join(inc.models)} over threshold in {inc.windows_over} window(s), "
+        summary = (f"{lead}: {', '.join(inc.models)} over threshold in {inc.windows_over} window(s), "
                    f"max {inc.max_ratio:.2f}x threshold ({sev})")
         if top:
             summary += "; top features: " + ", ".join(f for f, _ in top[:3])
         if status == "closed":
             summary += "; closed" + (f" ({why})" if why else "")
+        fields = {"first_window_seq": inc.first_seq, **extra}
         return Anomaly(
-            entity_id=ent.entity_id, **{k: ent.ref.get(k) for k in _REF_FIELDS if ent.ref.get(k) is not None},
+            entity_id=entity_id, **{k: ref.get(k) for k in _REF_FIELDS if ref.get(k) is not None},
             anomaly_id=inc.anomaly_id, revision=inc.revision, status=status, severity=sev,
             start_ts=inc.start_ts, last_ts=inc.last_ts, end_ts=inc.last_over_ts if status == "closed" else None,
             score=inc.best_score, threshold=inc.best_threshold, models=list(inc.models),
             root_causes=[RootCause(feature=f, contribution=round(v, 6)) for f, v in top], summary=summary,
-            max_ratio=inc.max_ratio, first_window_seq=inc.first_seq, windows_over=inc.windows_over,
+            max_ratio=inc.max_ratio, windows_over=inc.windows_over, **fields,
         )
+
+    # -- host-wide events ---------------------------------------------------------------------
+    def _remember(self, ent: EntityState, ev: Evidence, s: Score) -> None:
+        """Keep the recent over-threshold windows' weights: the entity's current root-cause profile."""
+        ent.last_over_ts = max(ent.last_over_ts, ev.end_ts)
+        keep_from = ev.end_ts - 2 * self.cfg.open_after * s.gap * s.interval_s
+        ent.recent = [r for r in ent.recent if r[0] >= keep_from][-(8 * self.cfg.open_after - 1):] \
+            + [[ev.end_ts, ev.weights]]
+
+    def _track_top(self, ent: EntityState, s: Score, over: bool) -> None:
+        """Remember which feature leads this score's contributions; learn how often each leads when not over."""
+        top = _top_feature(s)
+        if top is None:
+            return
+        keep_from = s.window_end_ts - 2 * self.cfg.open_after * s.gap * s.interval_s
+        ent.recent_top = [r for r in ent.recent_top if r[0] >= keep_from][-(4 * self.cfg.open_after - 1):] \
+            + [[s.window_end_ts, top]]
+        if not over:
+            a = TOP_FREQ_ALPHA
+            for f in list(ent.top_freq):
+                ent.top_freq[f] *= 1 - a
+                if ent.top_freq[f] < 1e-4:
+                    del ent.top_freq[f]
+            ent.top_freq[top] = ent.top_freq.get(top, 0.0) + a
+            ent.top_n += 1
+
+    @staticmethod
+    def _usual_lead(ent: EntityState, feature: str) -> float:
+        """How often ``feature`` leads ``ent``'s windows under threshold (1 until enough were seen)."""
+        if ent.top_n < TOP_FREQ_MIN_WINDOWS:
+            return 1.0
+        return ent.top_freq.get(feature, 0.0) / (1.0 - (1.0 - TOP_FREQ_ALPHA) ** ent.top_n)  # unbiased from 0
+
+    def _host_group(self, ent: EntityState, hs: HostState, s: Score) -> list[EntityState] | None:
+        """The entities to fold into a host-wide event with ``ent`` (which is over), or None.
+
+        An open event takes ``ent`` while its recent profile is like the event's (cosine similarity
+        at least ``host_similarity``, or the same leading feature). Otherwise an event forms when,
+        among the host's judged entities that reported lately (at least ``host_min_entities``), at
+        least ``host_min_entities`` and ``host_share`` of them moved together within the same
+        ``open_after`` windows (with one window of slack, as windows of different processes need not
+        be aligned), either way:
+
+        * *together over*: they were over threshold, with profiles similar to ``ent``'s;
+        * *a shared lead*: the feature that leads ``ent``'s profile led most of their recent windows,
+          over threshold or not, and at least ``host_lift`` times as many entities as usual (each
+          entity's usual rate is learnt from its windows under threshold). This is how contention
+          looks: every process waits more for a CPU, a few cross their thresholds.
+
+        Entities with an incident of their own count but keep it.
+        """
+        cfg = self.cfg
+        w = s.gap * s.interval_s
+        since = s.window_end_ts - (cfg.open_after - 0.5) * w
+        mine = _profile(ent, since)
+        if not mine:
+            return None
+        lead = max(mine, key=lambda f: (mine[f], f))
+        if hs.incident is not None:
+            ev = hs.incident.evidence
+            alike = _cosine(mine, ev) >= cfg.host_similarity or (ev and lead == max(ev, key=lambda f: (ev[f], f)))
+            return [ent] if alike else None
+        peers = (self.entities.get(e) for e in sorted(self._by_host.get(hs.host, ())))
+        active = [p for p in peers if p is not None and p.last_ts >= since - w
+                  and any(st.judged_threshold is not None for st in p.streams.values())]
+        need = max(cfg.host_min_entities, math.ceil(cfg.host_share * len(active)))
+        if len(active) < need:
+            return None
+        together = [p for p in active if p is ent or (p.last_over_ts >= since - w and
+                                                      _cosine(_profile(p, since - w), mine) >= cfg.host_similarity)]
+        if len(together) >= need:
+            return [p for p in together if p.incident is None]
+        shared = [p for p in active if _leads(p, lead, since - w)]
+        usual = sum(self._usual_lead(p, lead) for p in active)
+        if ent in shared and len(shared) >= need and len(shared) >= cfg.host_lift * usual:
+            return [p for p in shared if p.incident is None]
+        return None
+
+    def _fold(self, hs: HostState, members: list[EntityState], s: Score) -> list[Anomaly]:
+        """Fold the members' windows over threshold into the host's event (opened if none is)."""
+        t = _ms(s.window_end_ts)
+        evs = [replace(ev, seq=_ms(ev.end_ts)) for m in members for st in m.streams.values() for ev in st.pending]
+        inc, opened = hs.incident, False
+        if inc is None:
+            evs.sort(key=lambda e: (e.seq, e.model_id))
+            first = max(evs[0].seq, hs.last_closed_seq + 1)
+            inc = hs.incident = Incident(anomaly_id=anomaly_id_for(hs.key, first), first_seq=first,
+                                         start_ts=evs[0].start_ts, last_seq=t, last_ts=s.window_end_ts,
+                                         last_over_seq=evs[0].seq, last_over_ts=evs[0].end_ts)
+            hs.members, opened = [], True
+        for ev in evs:
+            _add(inc, ev)
+        for m in members:
+            for st in m.streams.values():
+                st.pending = []
+            m.host_event = inc.anomaly_id
+            if m.entity_id not in hs.members:
+                hs.members.append(m.entity_id)
+            self._dirty.add(m.entity_id)
+        self._dirty.add(hs.key)
+        if t > inc.last_seq:
+            inc.last_seq, inc.last_ts = t, s.window_end_ts
+        if opened:
+            self.counters["host_opened"] += 1
+            return [self._publish_host(hs, inc, "open", t)]
+        if t > inc.published_seq and self._changed(inc):
+            self.counters["host_updated"] += 1
+            return [self._publish_host(hs, inc, "update", t)]
+        return []
+
+    def _host_check(self, ent: EntityState, hs: HostState, s: Score) -> list[Anomaly]:
+        """After a score of ``ent``: it leaves the host's event once under threshold for ``close_after``
+        windows (or when it opened its own incident); the event closes when no member is in it or none
+        was over for ``close_after`` windows (and a half, for unaligned windows)."""
+        inc = hs.incident
+        if ent.host_event is not None and (inc is None or ent.host_event != inc.anomaly_id
+                                           or ent.incident is not None or self._should_close(ent)):
+            ent.host_event = None
+        if inc is None:
+            return []
+        held = any((m := self.entities.get(e)) is not None and m.host_event == inc.anomaly_id for e in hs.members)
+        quiet = s.window_end_ts - inc.last_over_ts > (self.cfg.close_after + 0.5) * s.gap * s.interval_s
+        return self._close_host(hs) if quiet or not held else []
+
+    def _close_host(self, hs: HostState, why: str = "") -> list[Anomaly]:
+        inc, hs.incident = hs.incident, None
+        hs.last_closed_seq = max(hs.last_closed_seq, inc.last_seq)
+        for e in hs.members:
+            m = self.entities.get(e)
+            if m is not None and m.host_event == inc.anomaly_id:
+                m.host_event = None
+                self._dirty.add(e)
+        self._dirty.add(hs.key)
+        self.counters["host_closed"] += 1
+        return [self._publish_host(hs, inc, "closed", inc.last_seq, why)]
+
+    def _publish_host(self, hs: HostState, inc: Incident, status: str, seq: int, why: str = "") -> Anomaly:
+        def who(eid: str) -> str:
+            ref = (self.entities[eid].ref if eid in self.entities else {})
+            return f"{ref['comm']} ({ref['pid']})" if ref.get("comm") and ref.get("pid") is not None else eid
+        names = [who(e) for e in hs.members]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        lead = (f"host {hs.host}: {len(names)} watched processes over threshold together with the same profile "
+                f"(a common cause on the host, e.g. CPU contention, rather than one process's own behaviour): {shown}")
+        return self._anomaly(hs.key, {"host": hs.host}, inc, status, seq, lead, why, scope="host",
+                             members=list(hs.members), first_window_seq=None)
 
     def _prune_streams(self, ent: EntityState) -> None:
         """A new model joins: forget models that stopped reporting long ago (e.g. a replaced checkpoint)."""
@@ -498,6 +774,46 @@ def _weights(s: Score, ratio: float) -> dict[str, float]:
     if total <= 0:
         return {}
     return {f: ratio * x / total for f, x in zip(s.features, c) if x > 0}
+
+
+def _ms(ts: float) -> int:
+    """A window end time as the integer "seq" of host-wide events (milliseconds)."""
+    return int(round(ts * 1000))
+
+
+def _profile(ent: EntityState, since: float) -> dict[str, float]:
+    """Summed weights of ``ent``'s windows over threshold that end at or after ``since``."""
+    out: dict[str, float] = {}
+    for ts, weights in ent.recent:
+        if ts >= since:
+            for f, v in weights.items():
+                out[f] = out.get(f, 0.0) + v
+    return out
+
+
+def _top_feature(s: Score) -> str | None:
+    best, top = 0.0, None
+    for f, c in zip(s.features, s.contributions):
+        if math.isfinite(c) and c > best:
+            best, top = c, f
+    return top
+
+
+def _leads(ent: EntityState, feature: str, since: float) -> bool:
+    """``feature`` led at least half of ``ent``'s windows ending at or after ``since``."""
+    tops = [f for ts, f in ent.recent_top if ts >= since]
+    return bool(tops) and 2 * tops.count(feature) >= len(tops)
+
+
+def _cosine(a: Mapping[str, float], b: Mapping[str, float]) -> float:
+    """Cosine similarity of two non-negative feature profiles (0 when either is empty).
+
+    >>> round(_cosine({"cpu": 1.0}, {"cpu": 2.0, "mem": 0.0}), 6), _cosine({"cpu": 1.0}, {"mem": 1.0})
+    (1.0, 0.0)
+    """
+    dot = sum(v * b.get(f, 0.0) for f, v in a.items())
+    na, nb = math.sqrt(sum(v * v for v in a.values())), math.sqrt(sum(v * v for v in b.values()))
+    return dot / (na * nb) if na > 0 and nb > 0 else 0.0
 
 
 def _add(inc: Incident, ev: Evidence) -> None:

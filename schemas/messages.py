@@ -191,6 +191,13 @@ class Anomaly(EntityRef):
     first_window_seq: int | None = Field(
         None, ge=0, description="window_end_seq of the incident's first anomalous window (anomaly_id hashes it).")
     windows_over: int | None = Field(None, ge=0, description="Windows in which some model was over its threshold.")
+    # Optional (added with host-wide events):
+    scope: Literal["entity", "host"] = Field(
+        "entity", description="'entity': one process (or replayed entity) misbehaves. 'host': several processes of "
+        "``host`` went over their thresholds together with the same root-cause profile (a common cause such as CPU "
+        "contention); ``entity_id`` is then 'host:<host>', ``pid`` is None and ``members`` lists the processes.")
+    members: list[str] = Field(
+        default_factory=list, description="scope 'host': entity_ids of the processes whose windows make up the event.")
 
 
 class DeadLetterInfo(BaseModel):
