@@ -599,7 +599,8 @@ class Engine:
         sev = severity_of(inc.max_ratio)
         inc.published_seq, inc.published_ratio, inc.published_severity = seq, inc.max_ratio, sev
         inc.published_top, inc.published_models = [f for f, _ in top], list(inc.models)
-        summary = (f"{lead}: {', '.join(inc.models)} over threshold in {inc.windows_over} window(s), "
+        families = ", ".join(dict.fromkeys(model_family(m) for m in inc.models))  # `models` has the full ids
+        summary = (f"{lead}: {families} over threshold in {inc.windows_over} window(s), "
                    f"max {inc.max_ratio:.2f}x threshold ({sev})")
         if top:
             summary += "; top features: " + ", ".join(f for f, _ in top[:3])
@@ -729,12 +730,15 @@ class Engine:
         windows (or when it opened its own incident); the event closes when no member is in it or none
         was over for ``close_after`` windows (and a half, for unaligned windows)."""
         inc = hs.incident
-        if ent.host_event is not None and (inc is None or ent.host_event != inc.anomaly_id
-                                           or ent.incident is not None or self._should_close(ent)):
+        left = ent.host_event is not None and (inc is None or ent.host_event != inc.anomaly_id
+                                               or ent.incident is not None or self._should_close(ent))
+        if left:
             ent.host_event = None
         if inc is None:
             return []
-        held = any((m := self.entities.get(e)) is not None and m.host_event == inc.anomaly_id for e in hs.members)
+        # whether any member is still in it can only change when one leaves
+        held = not left or any((m := self.entities.get(e)) is not None and m.host_event == inc.anomaly_id
+                               for e in hs.members)
         quiet = s.window_end_ts - inc.last_over_ts > (self.cfg.close_after + 0.5) * s.gap * s.interval_s
         return self._close_host(hs) if quiet or not held else []
 
@@ -756,8 +760,8 @@ class Engine:
             return f"{ref['comm']} ({ref['pid']})" if ref.get("comm") and ref.get("pid") is not None else eid
         names = [who(e) for e in hs.members]
         shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-        lead = (f"host {hs.host}: {len(names)} watched processes over threshold together with the same profile "
-                f"(a common cause on the host, e.g. CPU contention, rather than one process's own behaviour): {shown}")
+        lead = (f"host {hs.host}: {len(names)} watched processes deviate together with the same profile ({shown}), "
+                "a common cause on the host (e.g. CPU contention) rather than one process's own behaviour")
         return self._anomaly(hs.key, {"host": hs.host}, inc, status, seq, lead, why, scope="host",
                              members=list(hs.members), first_window_seq=None)
 

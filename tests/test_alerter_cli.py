@@ -23,6 +23,8 @@ def anomaly(aid, entity, severity, status, last_ts, rev=1, feats=("rss_anon_byte
 A = anomaly("a1" * 16, "h/7@100", "high", "closed", 1_700_000_000.0, rev=3)
 B = anomaly("b2" * 16, "h/8@200", "critical", "update", 1_700_000_100.0, feats=("net_tx_bytes", "syscalls"))
 C = anomaly("c3" * 16, "other/1@5", "low", "open", 1_700_000_200.0, rev=0)
+H = anomaly("d4" * 16, "host:h", "low", "closed", 1_699_999_000.0).model_copy(
+    update={"pid": None, "scope": "host", "members": ["h/7@100", "h/8@200", "h/9@300"]})
 
 
 def osad(*args, check=True, timeout=120):
@@ -72,6 +74,11 @@ def test_anomalies_show(db):
         assert text in out, (text, out)
     assert "- (open)" in osad("anomalies", "show", C.anomaly_id, "--store", db).stdout
     assert Anomaly.model_validate_json(osad("anomalies", "show", B.anomaly_id, "--store", db, "--json").stdout) == B
+    st = open_store(db)
+    st.save([H])
+    st.close()
+    out = osad("anomalies", "show", H.anomaly_id, "--store", db).stdout
+    assert "scope:        host" in out and "members:      h/7@100, h/8@200, h/9@300" in out
     r = osad("anomalies", "show", "ffffffff", "--store", db, check=False)
     assert r.returncode == 1 and "no anomaly 'ffffffff'" in r.stderr
 
@@ -85,6 +92,8 @@ def test_anomalies_errors_a_user_can_act_on(tmp_path, db):
     assert r.returncode == 2 and "low, medium, high, critical" in r.stderr
     r = osad("alert", "--threshold", "mscred:20", check=False)
     assert r.returncode == 2 and "MODEL_FAMILY=VALUE" in r.stderr
+    r = osad("alert", "--host-share", "0", check=False)
+    assert r.returncode == 2 and "--host-share" in r.stderr and "(0, 1]" in r.stderr
     r = osad("alert", "--store", "postgres://osad:pw@127.0.0.1:1/osad", check=False)
     assert r.returncode == 2 and "cannot connect" in r.stderr and "pw@" not in r.stderr
 
