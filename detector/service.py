@@ -117,7 +117,7 @@ class Detector(Transform):
     input = SIGNATURES
 
     def __init__(self, cs: Scorer | None, registry: ModelRegistry | None = None, max_batch: int = 64,
-                 max_wait_ms: float = 200.0, clock=time.monotonic, trainer=None, cs_calibrate: int = 0,
+                 max_wait_ms: float = 20.0, clock=time.monotonic, trainer=None, cs_calibrate: int = 0,
                  cs_max_entities: int = 10_000):
         self.cs = cs
         # per entity: compressed sensing with its normal range learned on its first windows
@@ -164,10 +164,14 @@ class Detector(Transform):
             self._seen_done = set(self.trainer.done)
         if self._m:
             self._m["models"].set(len(self.registry.models))
-        if self.pending and self.clock() - self.pending[0][2] >= self.max_wait_s:
+        if self.pending and self.next_deadline() <= 0:  # the oldest has waited max_wait_ms
             chunk, self.pending = self.pending, []
             return self._score(chunk)
         return ()
+
+    def next_deadline(self) -> float | None:
+        """Seconds until the oldest queued window has waited ``max_wait_ms`` (None: nothing queued)."""
+        return self.pending[0][2] + self.max_wait_s - self.clock() if self.pending else None
 
     def retained(self) -> dict[int, int]:
         out: dict[int, int] = {}

@@ -18,7 +18,7 @@ def register_detect(sub) -> None:
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16) for MSCRED on CUDA")
     option(p, "--threads", type=int, default=0, help="CPU threads for MSCRED (0: the cores this process may use)")
     option(p, "--max-batch", type=int, default=64, check=positive, help="most windows per model call")
-    option(p, "--max-wait-ms", type=float, default=200.0, check=positive,
+    option(p, "--max-wait-ms", type=float, default=20.0, check=positive,
            help="longest a window waits for its batch to fill")
     option(p, "--reload-s", type=float, default=10.0, check=positive, help="how often --models is re-scanned")
     p.add_argument("--no-cs", action="store_true", help="do not score with compressed sensing")

@@ -19,6 +19,7 @@ more output messages. :class:`ServiceRunner` wires it between an input topic and
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -77,6 +78,11 @@ class Transform(ABC):
         """Called after each poll (also when idle): flush batches, evict idle state."""
         return ()
 
+    def next_deadline(self) -> float | None:
+        """Seconds until :meth:`tick` has something due (e.g. a batch's wait ends), or None. The runner
+        polls no longer than that, so a deadline is kept to within a millisecond, not a poll timeout."""
+        return None
+
     def acknowledged(self) -> None:
         """Every output so far is acknowledged by the broker and input offsets are about to be
         committed: persist state that must survive a restart here (then :meth:`retained`)."""
@@ -97,6 +103,18 @@ class Transform(ABC):
 
     def bind_metrics(self, metrics: ServiceMetrics) -> None:
         """Register the transform's own metrics (optional)."""
+
+
+def poll_timeout_ms(longest_ms: int, deadline_s: float | None) -> int:
+    """How long one poll may wait: ``longest_ms``, or less when the transform has a deadline sooner
+    (rounded up to whole milliseconds, so the tick after the poll finds it due).
+
+    >>> poll_timeout_ms(200, None), poll_timeout_ms(200, 0.0123), poll_timeout_ms(200, -1.0), poll_timeout_ms(200, 5.0)
+    (200, 13, 0, 200)
+    """
+    if deadline_s is None:
+        return longest_ms
+    return max(0, min(longest_ms, math.ceil(deadline_s * 1000.0)))
 
 
 @dataclass
@@ -157,7 +175,8 @@ class ServiceRunner:
         try:
             last_commit = time.monotonic()
             while not self._stop.is_set():
-                records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms,
+                records = self.consumer.poll(timeout_ms=poll_timeout_ms(self.cfg.poll_timeout_ms,
+                                                                        self.t.next_deadline()),
                                              max_records=self.cfg.max_poll_records)
                 self._last_poll = time.monotonic()
                 if records:

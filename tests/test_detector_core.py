@@ -55,3 +55,27 @@ def test_windows_after_the_calibrating_one_in_the_same_batch_get_the_calibrated_
     assert all(":fitted:" in m for m in ordered[10:])
     # and no second calibration buffer was started for the entity
     assert not det._cal_buf
+
+
+def test_queued_windows_set_the_runners_poll_deadline():
+    """A live window waits at most max_wait_ms for its batch: the detector tells the runner when the
+    oldest queued one is due, and the runner polls no longer than that."""
+    import doctest
+
+    import runtime.service
+    from runtime.service import poll_timeout_ms
+
+    now = [100.0]
+    det = Detector(CSScorer(gap=5, max_iter=50), max_batch=64, max_wait_ms=20.0, clock=lambda: now[0])
+    assert det.next_deadline() is None and poll_timeout_ms(200, det.next_deadline()) == 200
+    rng = np.random.default_rng(2)
+    w = windows(0.5 + 0.1 * rng.normal(size=(80, 4)))
+    assert det.process_batch([(w[0], InputMeta("t", 0, 0))]) == []  # queued, not scored yet
+    now[0] += 0.005
+    assert abs(det.next_deadline() - 0.015) < 1e-9 and poll_timeout_ms(200, det.next_deadline()) in (15, 16)
+    assert list(det.tick(0.0)) == []  # not due yet
+    now[0] += 0.015
+    assert poll_timeout_ms(200, det.next_deadline()) == 0
+    assert [o.msg.window_end_seq for o in det.tick(0.0)] == [w[0].window_end_seq]
+    assert det.next_deadline() is None
+    assert doctest.testmod(runtime.service).failed == 0
