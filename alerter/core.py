@@ -620,18 +620,14 @@ class Engine:
     def _remember(self, ent: EntityState, ev: Evidence, s: Score) -> None:
         """Keep the recent over-threshold windows' weights: the entity's current root-cause profile."""
         ent.last_over_ts = max(ent.last_over_ts, ev.end_ts)
-        keep_from = ev.end_ts - 2 * self.cfg.open_after * s.gap * s.interval_s
-        ent.recent = [r for r in ent.recent if r[0] >= keep_from][-(8 * self.cfg.open_after - 1):] \
-            + [[ev.end_ts, ev.weights]]
+        ent.recent = self._recent_plus(ent.recent, [ev.end_ts, ev.weights], s, most=8 * self.cfg.open_after)
 
     def _track_top(self, ent: EntityState, s: Score, over: bool) -> None:
         """Remember which feature leads this score's contributions; learn how often each leads when not over."""
         top = _top_feature(s)
         if top is None:
             return
-        keep_from = s.window_end_ts - 2 * self.cfg.open_after * s.gap * s.interval_s
-        ent.recent_top = [r for r in ent.recent_top if r[0] >= keep_from][-(4 * self.cfg.open_after - 1):] \
-            + [[s.window_end_ts, top]]
+        ent.recent_top = self._recent_plus(ent.recent_top, [s.window_end_ts, top], s, most=4 * self.cfg.open_after)
         if not over:
             a = TOP_FREQ_ALPHA
             for f in list(ent.top_freq):
@@ -640,6 +636,12 @@ class Engine:
                     del ent.top_freq[f]
             ent.top_freq[top] = ent.top_freq.get(top, 0.0) + a
             ent.top_n += 1
+
+    def _recent_plus(self, rows: list, row: list, s: Score, most: int) -> list:
+        """``rows`` ([window_end_ts, ...], oldest first) with ``row`` added, keeping the rows of the last
+        ``2 * open_after`` windows, at most ``most``."""
+        keep_from = row[0] - 2 * self.cfg.open_after * s.gap * s.interval_s
+        return [r for r in rows if r[0] >= keep_from][-(most - 1):] + [row]
 
     @staticmethod
     def _usual_lead(ent: EntityState, feature: str) -> float:
@@ -672,10 +674,10 @@ class Engine:
         mine = _profile(ent, since)
         if not mine:
             return None
-        lead = max(mine, key=lambda f: (mine[f], f))
+        lead = _lead(mine)
         if hs.incident is not None:
             ev = hs.incident.evidence
-            alike = _cosine(mine, ev) >= cfg.host_similarity or (ev and lead == max(ev, key=lambda f: (ev[f], f)))
+            alike = _cosine(mine, ev) >= cfg.host_similarity or (ev and lead == _lead(ev))
             return [ent] if alike else None
         peers = (self.entities.get(e) for e in sorted(self._by_host.get(hs.host, ())))
         active = [p for p in peers if p is not None and p.last_ts >= since - w
@@ -793,6 +795,11 @@ def _profile(ent: EntityState, since: float) -> dict[str, float]:
             for f, v in weights.items():
                 out[f] = out.get(f, 0.0) + v
     return out
+
+
+def _lead(profile: Mapping[str, float]) -> str:
+    """The feature with the largest weight (ties: the last name)."""
+    return max(profile, key=lambda f: (profile[f], f))
 
 
 def _top_feature(s: Score) -> str | None:
