@@ -162,6 +162,10 @@ def _register_alert(sub) -> None:
     option(g, "--host-lift", type=float, default=2.0, check=lambda v: None if v >= 1 else "must be at least 1",
            help="a feature leading most processes' windows at once is a host event when it leads at least this many "
            "times as many processes as usual")
+    option(g, "--host-hold", type=int, default=2, check=lambda v: None if v >= 0 else "must be 0 (no waiting) or more",
+           help="a process due to open an incident waits up to this many more windows while at least "
+           "--host-min-entities processes of its host show the start of a host event (the first to cross, the "
+           "one with the lowest threshold, then joins the event instead); 0 never waits")
     g = p.add_argument_group("webhooks")
     option(g, "--webhook-queue", type=int, default=1000, check=positive,
            help="anomalies waiting per webhook; when full the oldest is dropped (and counted)")
@@ -196,7 +200,8 @@ def run_alert(args) -> int:
             top_k=args.top_k, update_min_change=args.update_min_change, stale_windows=args.stale_windows,
             idle_timeout_s=args.idle_timeout_s, max_entities=args.max_entities,
             host_min_entities=args.host_min_entities, host_share=args.host_share,
-            host_similarity=args.host_similarity, host_lift=args.host_lift)
+            host_similarity=args.host_similarity, host_lift=args.host_lift,
+            host_hold=args.host_hold)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     try:

@@ -28,7 +28,9 @@ profile, the cause is most likely the host (CPU contention, steal time on a VM, 
 not each process. Such windows make one incident of the host (``scope='host'``, entity_id
 ``host:<host>``, ``members`` = the processes) instead of one per process; a process whose profile
 differs (the culprit that spins while the others wait for a CPU) keeps its own incident. The rules
-are in :meth:`Engine._host_group`; ``host_min_entities=0`` turns them off. They see the entities
+are in :meth:`Engine._host_group`; a process due to open an incident waits up to ``host_hold``
+windows while such an event may be forming (:meth:`Engine._host_stirs`), as the process with the
+lowest threshold crosses first; ``host_min_entities=0`` turns them off. They see the entities
 held by one alerter: run one alerter per group of hosts (the default, one alerter) for them to apply.
 
 Severity from the incident's max ratio: low < 1.5 <= medium < 3 <= high < 10 <= critical.
@@ -150,6 +152,7 @@ class AlerterConfig:
     host_share: float = 0.5
     host_similarity: float = 0.7
     host_lift: float = 2.0
+    host_hold: int = 2
 
     def __post_init__(self):
         checks = [
@@ -168,6 +171,7 @@ class AlerterConfig:
             (0 < self.host_share <= 1, f"host_share must be in (0, 1], got {self.host_share}"),
             (0 < self.host_similarity <= 1, f"host_similarity must be in (0, 1], got {self.host_similarity}"),
             (self.host_lift >= 1, f"host_lift must be at least 1, got {self.host_lift}"),
+            (self.host_hold >= 0, f"host_hold must be 0 (no holding) or more, got {self.host_hold}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -320,7 +324,7 @@ class Engine:
     ``load(entity_id)`` returns a persisted state (:meth:`EntityState.to_dict`) or None; it is asked
     the first time an entity is seen. :meth:`take_dirty` hands over the states to persist.
     ``counters`` counts events (duplicate, calibrated, opened, updated, closed, closed_idle,
-    evicted_idle, evicted_cap, loaded).
+    evicted_idle, evicted_cap, loaded, held, host_opened, host_updated, host_closed).
     """
 
     def __init__(self, cfg: AlerterConfig | None = None, load: Callable[[str], dict | None] | None = None):
@@ -477,7 +481,7 @@ class Engine:
         thr = self._threshold(st, s)
         over = thr is not None and math.isfinite(s.score) and s.score > thr
         if hs is not None:
-            self._track_top(ent, s, over)
+            self._track_top(ent, s, learn=not over and hs.incident is None)
         if thr is None:
             return []  # calibrating: not judged
         st.judged_threshold = thr
@@ -491,12 +495,16 @@ class Engine:
             st.under_run = 0
             self._remember(ent, ev, s)
             if inc is None:
-                st.pending = (st.pending + [ev])[-self.cfg.open_after:]
-                if hs is not None and (ent.host_event or st.over_run >= self.cfg.open_after):
+                st.pending = (st.pending + [ev])[-(self.cfg.open_after + self.cfg.host_hold):]
+                due = st.over_run >= self.cfg.open_after
+                if hs is not None and (ent.host_event or due):
                     group = self._host_group(ent, hs, s)
                     if group:
                         return self._fold(hs, group, s)
-                if st.over_run >= self.cfg.open_after:
+                    if due and st.over_run < self.cfg.open_after + self.cfg.host_hold and self._host_stirs(ent, hs, s):
+                        self.counters["held"] += 1
+                        due = False
+                if due:
                     inc, opened = self._open(ent, s), True
             else:
                 _add(inc, ev)
@@ -622,13 +630,14 @@ class Engine:
         ent.last_over_ts = max(ent.last_over_ts, ev.end_ts)
         ent.recent = self._recent_plus(ent.recent, [ev.end_ts, ev.weights], s, most=8 * self.cfg.open_after)
 
-    def _track_top(self, ent: EntityState, s: Score, over: bool) -> None:
-        """Remember which feature leads this score's contributions; learn how often each leads when not over."""
+    def _track_top(self, ent: EntityState, s: Score, learn: bool) -> None:
+        """Remember which feature leads this score's contributions; with ``learn`` (the score is under
+        threshold and no host-wide event is open), learn how often each feature leads."""
         top = _top_feature(s)
         if top is None:
             return
         ent.recent_top = self._recent_plus(ent.recent_top, [s.window_end_ts, top], s, most=4 * self.cfg.open_after)
-        if not over:
+        if learn:
             a = TOP_FREQ_ALPHA
             for f in list(ent.top_freq):
                 ent.top_freq[f] *= 1 - a
@@ -669,19 +678,15 @@ class Engine:
         Entities with an incident of their own count but keep it.
         """
         cfg = self.cfg
-        w = s.gap * s.interval_s
-        since = s.window_end_ts - (cfg.open_after - 0.5) * w
-        mine = _profile(ent, since)
-        if not mine:
+        view = self._host_view(ent, hs, s)
+        if view is None:
             return None
-        lead = _lead(mine)
+        w, since, mine, lead = view
         if hs.incident is not None:
             ev = hs.incident.evidence
             alike = _cosine(mine, ev) >= cfg.host_similarity or (ev and lead == _lead(ev))
             return [ent] if alike else None
-        peers = (self.entities.get(e) for e in sorted(self._by_host.get(hs.host, ())))
-        active = [p for p in peers if p is not None and p.last_ts >= since - w
-                  and any(st.judged_threshold is not None for st in p.streams.values())]
+        active = self._active(hs, since - w)
         need = max(cfg.host_min_entities, math.ceil(cfg.host_share * len(active)))
         if len(active) < need:
             return None
@@ -694,6 +699,41 @@ class Engine:
         if ent in shared and len(shared) >= need and len(shared) >= cfg.host_lift * usual:
             return [p for p in shared if p.incident is None]
         return None
+
+    def _host_view(self, ent: EntityState, hs: HostState, s: Score):
+        """What judging ``ent`` against its host needs: the window length, the start of the last
+        ``open_after`` windows, and ``ent``'s profile over them and its leading feature; None while
+        ``ent`` has no profile."""
+        w = s.gap * s.interval_s
+        since = s.window_end_ts - (self.cfg.open_after - 0.5) * w
+        mine = _profile(ent, since)
+        return (w, since, mine, _lead(mine)) if mine else None
+
+    def _active(self, hs: HostState, since: float) -> list[EntityState]:
+        """The host's entities that are judged (past calibration) and reported at or after ``since``."""
+        peers = (self.entities.get(e) for e in sorted(self._by_host.get(hs.host, ())))
+        return [p for p in peers if p is not None and p.last_ts >= since
+                and any(st.judged_threshold is not None for st in p.streams.values())]
+
+    def _host_stirs(self, ent: EntityState, hs: HostState, s: Score) -> bool:
+        """Whether ``ent``, due to open an incident of its own, should wait (up to ``host_hold`` windows)
+        because a host-wide event may be forming: no event is open, and with ``ent`` at least
+        ``host_min_entities`` of the host's entities show the start of one. A peer shows it when it
+        was over threshold lately with a profile like ``ent``'s, or when ``ent``'s leading feature led
+        its latest window and usually leads fewer than half of them. The entities that cross
+        first (those with the lowest thresholds) are the ones this keeps out of incidents of their own."""
+        if hs.incident is not None:
+            return False
+        view = self._host_view(ent, hs, s)
+        if view is None:
+            return False
+        w, since, mine, lead = view
+        cfg, since = self.cfg, since - w
+        stirring = 1 + sum(1 for p in self._active(hs, since) if p is not ent and (
+            (p.last_over_ts >= since and _cosine(_profile(p, since), mine) >= cfg.host_similarity)
+            or (p.recent_top and p.recent_top[-1][0] >= since and p.recent_top[-1][1] == lead
+                and self._usual_lead(p, lead) < 0.5)))
+        return stirring >= cfg.host_min_entities
 
     def _fold(self, hs: HostState, members: list[EntityState], s: Score) -> list[Anomaly]:
         """Fold the members' windows over threshold into the host's event (opened if none is)."""

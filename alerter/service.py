@@ -53,7 +53,7 @@ class Alerter(Transform):
         self._m = {
             "events": metrics.counter("osad_alerter_events", "Alerter events (duplicate, calibrated, opened, updated, "
                                       "closed, closed_idle, loaded, evicted_idle, evicted_cap, "
-                                      "host_opened, host_updated, host_closed)", ("event",)),
+                                      "held, host_opened, host_updated, host_closed)", ("event",)),
             "anomalies": metrics.counter("osad_alerter_anomalies", "Anomaly states published", ("status",)),
             "sink": metrics.counter("osad_alerter_sink", "Sink deliveries (sent, retried, failed, dropped)",
                                     ("sink", "result")),

@@ -94,6 +94,8 @@ def test_anomalies_errors_a_user_can_act_on(tmp_path, db):
     assert r.returncode == 2 and "MODEL_FAMILY=VALUE" in r.stderr
     r = osad("alert", "--host-share", "0", check=False)
     assert r.returncode == 2 and "--host-share" in r.stderr and "(0, 1]" in r.stderr
+    r = osad("alert", "--host-hold", "-1", check=False)
+    assert r.returncode == 2 and "--host-hold" in r.stderr and "0 (no waiting) or more" in r.stderr
     r = osad("alert", "--store", "postgres://osad:pw@127.0.0.1:1/osad", check=False)
     assert r.returncode == 2 and "cannot connect" in r.stderr and "pw@" not in r.stderr
 

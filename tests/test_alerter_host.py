@@ -130,8 +130,36 @@ def test_too_few_processes_or_too_small_a_share_stay_per_process():
     assert sorted(a.pid for a in out if a.status == "open") == [1, 2] and {a.scope for a in out} == {"entity"}
 
     eng = calibrated(range(1, 11))  # 3 of 10 alike: under the share (half)
-    out = run(eng, range(CALIB, CALIB + 4), lambda p, t: (2.0, RUNQ) if p <= 3 else (1.0, (1.0,) * len(FEATS)))
-    assert sorted(a.pid for a in out if a.status == "open") == [1, 2, 3] and {a.scope for a in out} == {"entity"}
+    out = run(eng, range(CALIB, CALIB + 6), lambda p, t: (2.0, RUNQ) if p <= 3 else (1.0, (1.0,) * len(FEATS)))
+    opened = [a for a in out if a.status == "open"]
+    assert sorted(a.pid for a in opened) == [1, 2, 3] and {a.scope for a in out} == {"entity"}
+    # three alike could be the start of a host event: each waited host_hold (2) windows past open_after
+    # (3), and its incident still starts at its first window over
+    assert eng.counters["held"] == 3 * 2
+    assert {a.first_window_seq for a in opened} == {sc(1, CALIB, 0).window_end_seq}
+    assert {a.windows_over for a in opened} == {5}
+
+
+def test_the_first_process_to_cross_waits_for_a_host_event_that_is_forming():
+    """Contention as seen end to end: the process with the lowest threshold crosses first; run-queue
+    wait starts to lead the windows of two others at once, and of the other four two windows later.
+    It joins the host event instead of opening an incident of its own; with ``host_hold 0`` it does not
+    wait."""
+    def contention(p, t):
+        if p == 1:
+            return 2.0, RUNQ
+        return (0.9, RUNQ) if t >= CALIB + (0 if p <= 3 else 2) else quiet(p, t)
+
+    pids = [1, 2, 3, 4, 5, 6, 7]
+    eng = calibrated(pids)
+    out = run(eng, range(CALIB, CALIB + 6), contention)
+    assert [(a.status, a.scope) for a in out][:1] == [("open", "host")] and {a.scope for a in out} == {"host"}
+    assert len(out[0].members) == 7 and eng.counters["held"] >= 1
+    assert out[0].start_ts == sc(1, CALIB, 0).window_end_ts - 2.5  # from pid 1's first window over
+
+    eng = calibrated(pids, host_hold=0)
+    out = run(eng, range(CALIB, CALIB + 6), contention)
+    assert [(a.status, a.scope, a.pid) for a in out if a.status == "open"][0] == ("open", "entity", 1)
 
 
 def test_host_events_can_be_turned_off():

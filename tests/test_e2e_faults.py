@@ -6,7 +6,7 @@ top feature, and none during a normal stretch of three minutes.
 Seven workloads run at once, one per fault, so the test costs one calibration and one normal
 stretch. Timeline (sample interval 0.5 s, a window every 5 samples): featurizer calibration
 (100 samples), the detector's per-process compressed sensing (30 windows), alerter calibration
-(60 windows per model), three minutes of normal behaviour, then every workload switches to its
+(100 windows per model, its default), three minutes of normal behaviour, then every workload switches to its
 fault. An incident opens after 3 consecutive windows over threshold (7.5 s): a few seconds of
 run-queue waiting caused by other load on the machine is not an incident.
 
@@ -27,15 +27,10 @@ from tests.conftest import wait_until
 from tests.kafkautil import Proc, TopicReader, health
 
 pytestmark = [
-    # an 8-minute run; OSAD_E2E_DUMP=FILE keeps the Scores and Anomalies it saw, to study offline
+    # a 10-minute run; OSAD_E2E_DUMP=FILE keeps the Scores and Anomalies it saw, to study offline
     pytest.mark.broker, pytest.mark.ebpf, pytest.mark.slow, pytest.mark.timeout(1500),
-    # Opt-in (OSAD_E2E=1): passed 3 of 4 runs with host-wide events; in the 4th (fresh-clone CI of
-    # ccd9cf2) the hogs made a host event of 6 workloads, but the 7th, whose POT threshold on 60
-    # scores came out lowest (7.0 vs 9.5-23.9), crossed first and opened an incident of its own
-    # (1.36x, runq_wait_ns) before the others made a quorum. Issue 5 stays open on that.
-    pytest.mark.skipif(os.environ.get("OSAD_E2E") != "1",
-                       reason="end-to-end fault run, opt-in (OSAD_E2E=1): the first process to cross under "
-                       "host-wide contention can still open its own incident before a host event forms (issue 5)"),
+    # OSAD_E2E=0 skips it (e.g. for a quick local run of the whole suite)
+    pytest.mark.skipif(os.environ.get("OSAD_E2E") == "0", reason="end-to-end fault run skipped: OSAD_E2E=0"),
 ]
 
 # fault -> metrics that fittingly explain it (the anomaly's top root-cause feature must be one)
@@ -52,6 +47,7 @@ FAULTS = {
 NORMAL_STRETCH_S = 180
 DETECT_WITHIN_S = 30
 HOG_AT_S, HOG_FOR_S = 60, 40  # outside CPU load within the normal stretch
+ALERTER_CALIBRATION = 100  # scores per process and model (the default; 60 gave thresholds too low at times)
 
 
 def _bpf_or_skip():
@@ -85,7 +81,7 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
                            "--metrics-port", str(dport)], tmp_path / "detector.log"))
         aport = free_port()
         alerter = Proc(["alert", "--bootstrap", bs, "--store", f"sqlite:///{tmp_path / 'anomalies.db'}",
-                        "--calibration-scores", "60", "--open-after", "3", "--close-after", "3",
+                        "--calibration-scores", str(ALERTER_CALIBRATION), "--open-after", "3", "--close-after", "3",
                         "--metrics-port", str(aport)], tmp_path / "alerter.log")
         procs.append(alerter)
         for port in (dport, aport):
@@ -104,9 +100,9 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
                     n[s.pid] = n.get(s.pid, 0) + 1
             return n
         # calibration: the featurizer's ranges, the detector's per-entity compressed sensing (30 windows),
-        # then the alerter's 60 scores of that model per entity (plus margin)
+        # then the alerter's scores of that model per entity (plus margin)
         scores.read_until(lambda r: len(per_pid_scores()) == len(workloads)
-                          and min(per_pid_scores().values()) >= 65, 900, "alerter calibration on every workload")
+                          and min(per_pid_scores().values()) >= ALERTER_CALIBRATION + 5, 900, "alerter calibration on every workload")
         # a normal stretch, with load from outside for a while: no incident of a workload
         t_normal = time.monotonic()
         hogs = []
