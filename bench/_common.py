@@ -19,27 +19,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from runtime.procs import start_logged, stop_all  # noqa: E402 (the scripts put the root on sys.path first)
+
 
 def osad_process(args: list[str], log: Path, env: dict | None = None, wrap: list[str] | tuple = ()) -> subprocess.Popen:
     """``python -m osad ARGS`` as its own process, output to ``log``. It runs in a session of its own:
     a Ctrl-C in the terminal reaches only the benchmark, which then stops it (:func:`stop_processes`)."""
-    return subprocess.Popen([*wrap, sys.executable, "-m", "osad", *args], stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                            env=dict(os.environ if env is None else env, PYTHONUNBUFFERED="1"))
+    return start_logged([*wrap, sys.executable, "-m", "osad", *args], log, cwd=ROOT,
+                        env=dict(os.environ if env is None else env, PYTHONUNBUFFERED="1"))
 
 
 def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 20.0, sig: int = signal.SIGTERM) -> None:
     """``sig`` to every process still running (in the order given), then SIGKILL after ``timeout_s``."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(sig)
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop_all(procs, timeout_s, sig)
 
 
 def http_text(port: int, path: str, timeout_s: float = 5.0) -> str | None:

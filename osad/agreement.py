@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from runtime.procs import start_logged, stop_all
 
 
 def register(sub) -> None:
@@ -144,9 +145,7 @@ class _Services:
         self.log_dir, self.env, self.procs = log_dir, env, {}
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        self.procs[name] = p
+        p = self.procs[name] = start_logged(cmd, self.log_dir / f"{name}.log", self.env)
         return p
 
     def check(self) -> None:
@@ -157,16 +156,7 @@ class _Services:
                 raise RuntimeError(f"{name} exited with code {code}:\n" + "\n".join(tail))
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for p in self.procs.values():
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs.values(), timeout_s)
 
 
 def run(args) -> int:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.config import ConfigError, non_negative, option, positive
+from runtime.procs import start_logged, stop_all
 
 # (service name, osad subcommand, extra arguments; {state} is --state-dir); started in this order,
 # stopped in reverse.
@@ -384,8 +385,7 @@ def run(args) -> int:
 
 
 def _start(c: Child, env: dict) -> None:
-    c.proc = subprocess.Popen(c.cmd, stdout=open(c.log, "ab"), stderr=subprocess.STDOUT, env=env,
-                              start_new_session=True)
+    c.proc = start_logged(c.cmd, c.log, env)
 
 
 def _start_view(args, bootstrap: str, broker, children: list[Child], notes: list[str]):
@@ -407,17 +407,12 @@ def _start_view(args, bootstrap: str, broker, children: list[Child], notes: list
 
 
 def _stop_all(children: list[Child], timeout_s: float) -> None:
-    for c in children:
-        if c.proc.poll() is None:
-            c.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for c in children:
-        try:
-            c.proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"osad up: {c.name} did not stop within {timeout_s:.0f} s; killing it", file=sys.stderr)
-            c.proc.kill()
-            c.proc.wait()
+    names = {id(c.proc): c.name for c in children}
+
+    def killing(p) -> None:
+        print(f"osad up: {names[id(p)]} did not stop within {timeout_s:.0f} s; killing it", file=sys.stderr)
+
+    stop_all([c.proc for c in children], timeout_s, on_kill=killing)
 
 
 def _banner(bootstrap: str, embedded: bool, children: list[Child]) -> None:
