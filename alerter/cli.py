@@ -163,8 +163,8 @@ def _register_alert(sub) -> None:
            help="a feature leading most processes' windows at once is a host event when it leads at least this many "
            "times as many processes as usual")
     option(g, "--host-hold", type=int, default=2, check=lambda v: None if v >= 0 else "must be 0 (no waiting) or more",
-           help="a process due to open an incident waits up to this many more windows while at least "
-           "--host-min-entities processes of its host show the start of a host event (the first to cross, the "
+           help="a process due to open an incident waits up to this many more windows while at least half as "
+           "many processes of its host as a host event needs show the start of one (the first to cross, the "
            "one with the lowest threshold, then joins the event instead); 0 never waits")
     g = p.add_argument_group("webhooks")
     option(g, "--webhook-queue", type=int, default=1000, check=positive,

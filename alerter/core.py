@@ -717,11 +717,12 @@ class Engine:
 
     def _host_stirs(self, ent: EntityState, hs: HostState, s: Score) -> bool:
         """Whether ``ent``, due to open an incident of its own, should wait (up to ``host_hold`` windows)
-        because a host-wide event may be forming: no event is open, and with ``ent`` at least
-        ``host_min_entities`` of the host's entities show the start of one. A peer shows it when it
-        was over threshold lately with a profile like ``ent``'s, or when ``ent``'s leading feature led
-        its latest window and usually leads fewer than half of them. The entities that cross
-        first (those with the lowest thresholds) are the ones this keeps out of incidents of their own."""
+        because a host-wide event may be forming: no event is open, and with ``ent`` at least half
+        of the entities a host event needs (and ``host_min_entities``) show the start of one. A peer
+        shows it when it was over threshold lately with a profile like ``ent``'s, or when ``ent``'s
+        leading feature led its latest window and usually leads fewer than half of them. The entities
+        that cross first (those with the lowest thresholds) are the ones this keeps out of incidents
+        of their own."""
         if hs.incident is not None:
             return False
         view = self._host_view(ent, hs, s)
@@ -729,11 +730,13 @@ class Engine:
             return False
         w, since, mine, lead = view
         cfg, since = self.cfg, since - w
-        stirring = 1 + sum(1 for p in self._active(hs, since) if p is not ent and (
+        active = self._active(hs, since)
+        need = max(cfg.host_min_entities, math.ceil(cfg.host_share * len(active)))
+        stirring = 1 + sum(1 for p in active if p is not ent and (
             (p.last_over_ts >= since and _cosine(_profile(p, since), mine) >= cfg.host_similarity)
             or (p.recent_top and p.recent_top[-1][0] >= since and p.recent_top[-1][1] == lead
                 and self._usual_lead(p, lead) < 0.5)))
-        return stirring >= cfg.host_min_entities
+        return stirring >= max(cfg.host_min_entities, math.ceil(need / 2))
 
     def _fold(self, hs: HostState, members: list[EntityState], s: Score) -> list[Anomaly]:
         """Fold the members' windows over threshold into the host's event (opened if none is)."""

@@ -139,6 +139,10 @@ def test_too_few_processes_or_too_small_a_share_stay_per_process():
     assert {a.first_window_seq for a in opened} == {sc(1, CALIB, 0).window_end_seq}
     assert {a.windows_over for a in opened} == {5}
 
+    eng = calibrated(range(1, 21))  # 3 of 20 alike: not even half of the 10 a host event needs, no waiting
+    out = run(eng, range(CALIB, CALIB + 3), lambda p, t: (2.0, RUNQ) if p <= 3 else (1.0, (1.0,) * len(FEATS)))
+    assert sorted(a.pid for a in out if a.status == "open") == [1, 2, 3] and eng.counters["held"] == 0
+
 
 def test_the_first_process_to_cross_waits_for_a_host_event_that_is_forming():
     """Contention as seen end to end: the process with the lowest threshold crosses first; run-queue
