@@ -687,7 +687,7 @@ class Engine:
             alike = _cosine(mine, ev) >= cfg.host_similarity or (ev and lead == _lead(ev))
             return [ent] if alike else None
         active = self._active(hs, since - w)
-        need = max(cfg.host_min_entities, math.ceil(cfg.host_share * len(active)))
+        need = self._need(len(active))
         if len(active) < need:
             return None
         together = [p for p in active if p is ent or (p.last_over_ts >= since - w and
@@ -715,6 +715,10 @@ class Engine:
         return [p for p in peers if p is not None and p.last_ts >= since
                 and any(st.judged_threshold is not None for st in p.streams.values())]
 
+    def _need(self, active: int) -> int:
+        """How many entities a host event needs, among ``active`` judged entities of the host."""
+        return max(self.cfg.host_min_entities, math.ceil(self.cfg.host_share * active))
+
     def _host_stirs(self, ent: EntityState, hs: HostState, s: Score) -> bool:
         """Whether ``ent``, due to open an incident of its own, should wait (up to ``host_hold`` windows)
         because a host-wide event may be forming: no event is open, and with ``ent`` at least half
@@ -731,7 +735,7 @@ class Engine:
         w, since, mine, lead = view
         cfg, since = self.cfg, since - w
         active = self._active(hs, since)
-        need = max(cfg.host_min_entities, math.ceil(cfg.host_share * len(active)))
+        need = self._need(len(active))
         stirring = 1 + sum(1 for p in active if p is not ent and (
             (p.last_over_ts >= since and _cosine(_profile(p, since), mine) >= cfg.host_similarity)
             or (p.recent_top and p.recent_top[-1][0] >= since and p.recent_top[-1][1] == lead
