@@ -8,8 +8,8 @@ import re
 import sys
 import time
 
-from core.thresholds import DEFAULT_FENCE_K
-from runtime.config import ConfigError, add_kafka_options, env_name, non_negative, option, positive
+from osad.core.thresholds import DEFAULT_FENCE_K
+from osad.runtime.config import ConfigError, add_kafka_options, env_name, non_negative, option, positive
 
 SEVERITIES = ("low", "medium", "high", "critical")  # alerter.core.SEVERITIES, without importing it here
 DEFAULT_STORE = "sqlite:///var/alerter/anomalies.db"
@@ -183,8 +183,8 @@ def _url(s: str) -> str:
 
 
 def run_alert(args) -> int:
-    from runtime.config import apply_common
-    from runtime.service import run_transform
+    from osad.runtime.config import apply_common
+    from osad.runtime.service import run_transform
 
     from .core import AlerterConfig
     from .service import Alerter

@@ -67,8 +67,8 @@ from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping
 
-from core.thresholds import DEFAULT_FENCE_K, pot_threshold
-from schemas import Anomaly, RootCause, Score
+from osad.core.thresholds import DEFAULT_FENCE_K, pot_threshold
+from osad.schemas import Anomaly, RootCause, Score
 
 log = logging.getLogger("osad.alerter")
 

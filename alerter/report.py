@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
-from schemas import ANOMALIES, SAMPLES, SCORES, Anomaly, Sample, Score, Topic, WireError, decode
+from osad.schemas import ANOMALIES, SAMPLES, SCORES, Anomaly, Sample, Score, Topic, WireError, decode
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -154,7 +154,7 @@ def load_kafka(bootstrap: str, out: Collected, topics: Sequence[Topic] = (SAMPLE
     last records of a batch on some brokers, so an empty poll is awaited too), or when nothing arrived for
     ``idle_ms``. Raises :class:`runtime.kafka.BrokerUnavailable` when no broker answers.
     """
-    from runtime.kafka import make_consumer
+    from osad.runtime.kafka import make_consumer
 
     consumer = make_consumer(bootstrap, "osad-report", None, max_poll_records=5000,
                              connect_timeout_s=connect_timeout_s)
@@ -536,7 +536,7 @@ def collect(args) -> tuple[Collected, dict[str, float]]:
 
 
 def _read_store(url: str, out: Collected) -> dict[str, float]:
-    from runtime.config import ConfigError
+    from osad.runtime.config import ConfigError
 
     from .store import StoreError, open_store
 
@@ -553,7 +553,7 @@ def _read_store(url: str, out: Collected) -> dict[str, float]:
 
 
 def _read_kafka(args, out: Collected, topics: Sequence[Topic]) -> None:
-    from runtime.kafka import BrokerUnavailable
+    from osad.runtime.kafka import BrokerUnavailable
 
     _say(f"reading {', '.join(t.full_name(args.topic_prefix or None) for t in topics)} from {args.bootstrap} ...")
     try:

@@ -16,8 +16,8 @@ import logging
 import threading
 import time
 
-from runtime.service import InputMeta, Output, Transform
-from schemas import ANOMALIES, SCORES, Anomaly, Score
+from osad.runtime.service import InputMeta, Output, Transform
+from osad.schemas import ANOMALIES, SCORES, Anomaly, Score
 
 from .core import AlerterConfig, Engine
 from .sinks import Sink

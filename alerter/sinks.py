@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from schemas import Anomaly, encode
+from osad.schemas import Anomaly, encode
 
 log = logging.getLogger("osad.alerter.sinks")
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from schemas import Anomaly, decode, encode
+from osad.schemas import Anomaly, decode, encode
 
 SCHEMA_VERSION = "1"
 _SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}

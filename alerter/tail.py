@@ -93,8 +93,8 @@ def assign(consumer, topics: list[str], from_beginning: bool = False) -> list | 
 
 
 def tail(args) -> int:
-    from runtime.kafka import BrokerUnavailable, make_consumer
-    from schemas import ANOMALIES, Anomaly, WireError, decode
+    from osad.runtime.kafka import BrokerUnavailable, make_consumer
+    from osad.schemas import ANOMALIES, Anomaly, WireError, decode
 
     try:
         from rich.console import Console

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from runtime.procs import start_logged, stop_all  # noqa: E402 (the scripts put the root on sys.path first)
+from osad.runtime.procs import start_logged, stop_all  # noqa: E402 (the scripts put the root on sys.path first)
 
 
 def osad_process(args: list[str], log: Path, env: dict | None = None, wrap: list[str] | tuple = ()) -> subprocess.Popen:

@@ -26,8 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)  # not bench/: its file names would shadow the packages
 
-from alerter.core import AlerterConfig, Engine  # noqa: E402
-from schemas import Score  # noqa: E402
+from osad.alerter.core import AlerterConfig, Engine  # noqa: E402
+from osad.schemas import Score  # noqa: E402
 
 N_FEATURES = 20
 FEATURES = [f"m{j}" for j in range(N_FEATURES)]

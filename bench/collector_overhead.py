@@ -148,10 +148,10 @@ def main() -> int:
                     "load disturbs its wall time less; the same in both modes)")
     a = ap.parse_args()
 
-    from collector.bpf import unavailable_reason
-    from collector.main import Collector, CollectorConfig
-    from collector.sinks import JsonlSink
-    from collector.targets import TargetSpec
+    from osad.collector.bpf import unavailable_reason
+    from osad.collector.main import Collector, CollectorConfig
+    from osad.collector.sinks import JsonlSink
+    from osad.collector.targets import TargetSpec
 
     reason = unavailable_reason()
     if reason:

@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 
 
 def load_windows(root: str, entity: str, n: int) -> np.ndarray:
-    from core.datasets import load_entity
-    from core.signature import Ranges
+    from osad.core.datasets import load_entity
+    from osad.core.signature import Ranges
 
     ent = load_entity(root, entity)
     x = Ranges.fit(ent.feature_names, ent.train).transform(ent.test)
@@ -47,7 +47,7 @@ def cvxpy_solve(x: np.ndarray, mask: np.ndarray, g: np.ndarray | None, solver: s
     import cvxpy as cp
     import scipy.sparse as sp
 
-    from detector.cs import dct_matrix
+    from osad.detector.cs import dct_matrix
 
     t, n = x.shape
     gm = np.eye(n) if g is None else g
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    from detector.cs import CSScorer, basis_pursuit_dct, lesinn_outlier_scores, sampling_mask
+    from osad.detector.cs import CSScorer, basis_pursuit_dct, lesinn_outlier_scores, sampling_mask
 
     values = load_windows(a.data, a.entity, a.windows)
     cs = CSScorer()

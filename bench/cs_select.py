@@ -93,12 +93,12 @@ def run_entity(args):
     import torch
 
     torch.set_num_threads(1)
-    from core import metrics as M
-    from core.datasets import load_entity
-    from core.signature import DEFAULT_GAP as GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, span
-    from detector.baselines import L2Scorer, PCAScorer
-    from detector.cs import CalibratedCSScorer
-    from detector.evaluate import concat_batches, covering_ends, point_windows, window_batches
+    from osad.core import metrics as M
+    from osad.core.datasets import load_entity
+    from osad.core.signature import DEFAULT_GAP as GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, span
+    from osad.detector.baselines import L2Scorer, PCAScorer
+    from osad.detector.cs import CalibratedCSScorer
+    from osad.detector.evaluate import concat_batches, covering_ends, point_windows, window_batches
 
     ent = load_entity(root, name, with_test=False)  # the test split is not even loaded
     ranges = Ranges.fit(ent.feature_names, ent.train)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--seeds", default="0,1", help="injection seeds (comma-separated)")
     a = ap.parse_args(argv)
-    from core.datasets import list_entities
+    from osad.core.datasets import list_entities
 
     seeds = [int(s) for s in a.seeds.split(",")]
     tasks = [(d, e, seeds) for d in a.dirs for e in list_entities(d)]

@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from detector.base import WindowBatch  # noqa: E402
-from detector.mscred import MSCREDConfig, MSCREDScorer  # noqa: E402
+from osad.detector.base import WindowBatch  # noqa: E402
+from osad.detector.mscred import MSCREDConfig, MSCREDScorer  # noqa: E402
 
 HEADING = "## Detector (MSCRED)"
 

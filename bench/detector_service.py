@@ -27,8 +27,8 @@ sys.path[0] = str(ROOT)  # not bench/: its file names would shadow the packages
 import numpy as np  # noqa: E402
 
 from bench._common import assign_all, http_text, osad_process, stop_processes, wait_for  # noqa: E402
-from core.datasets import load_entity  # noqa: E402
-from core.signature import Ranges, signature_windows, window_ends  # noqa: E402
+from osad.core.datasets import load_entity  # noqa: E402
+from osad.core.signature import Ranges, signature_windows, window_ends  # noqa: E402
 
 
 def main() -> int:
@@ -43,11 +43,11 @@ def main() -> int:
     import torch
     from kafka import KafkaConsumer, KafkaProducer
 
-    from detector.base import WindowBatch
-    from detector.mscred import MSCREDConfig, MSCREDScorer
-    from runtime.broker import EmbeddedBroker
-    from runtime.kafka import ensure_topics
-    from schemas import SCORES, SIGNATURES, Score, SignatureWindow, decode, encode
+    from osad.detector.base import WindowBatch
+    from osad.detector.mscred import MSCREDConfig, MSCREDScorer
+    from osad.runtime.broker import EmbeddedBroker
+    from osad.runtime.kafka import ensure_topics
+    from osad.schemas import SCORES, SIGNATURES, Score, SignatureWindow, decode, encode
 
     ent = load_entity(a.data, "machine-1-6")
     r = Ranges.fit(ent.feature_names, ent.train)
@@ -82,7 +82,7 @@ def main() -> int:
             prod.send(SIGNATURES.full_name(), key=w.entity_id.encode(), value=encode(w))
         prod.flush()
         prod.close()
-        from runtime.broker import free_port
+        from osad.runtime.broker import free_port
 
         mport = free_port()
         wrap = os.environ.get("OSAD_BENCH_WRAP", "").split()

@@ -33,9 +33,9 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)  # not bench/: its file names would shadow the packages
 
-from core.datasets import load_entity  # noqa: E402
-from core.signature import Ranges  # noqa: E402
-from featurizer.windows import EntityWindow, Window, WindowConfig, WindowStore  # noqa: E402
+from osad.core.datasets import load_entity  # noqa: E402
+from osad.core.signature import Ranges  # noqa: E402
+from osad.featurizer.windows import EntityWindow, Window, WindowConfig, WindowStore  # noqa: E402
 
 
 class RecomputeWindow(EntityWindow):

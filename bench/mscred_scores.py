@@ -29,11 +29,11 @@ sys.path[0] = str(ROOT)  # not bench/: its file names would shadow the packages
 
 import numpy as np  # noqa: E402
 
-import core.metrics as M  # noqa: E402
-from core.datasets import load_entity  # noqa: E402
-from core.signature import signature_windows, span  # noqa: E402
-from detector.mscred import MSCREDScorer  # noqa: E402
-from detector.train import TrainConfig, dataset_windows, fit_with_windows  # noqa: E402
+import osad.core.metrics as M  # noqa: E402
+from osad.core.datasets import load_entity  # noqa: E402
+from osad.core.signature import signature_windows, span  # noqa: E402
+from osad.detector.mscred import MSCREDScorer  # noqa: E402
+from osad.detector.train import TrainConfig, dataset_windows, fit_with_windows  # noqa: E402
 
 
 def main(argv=None) -> int:

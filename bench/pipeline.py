@@ -88,7 +88,7 @@ RECOVERY = 100  # samples of normal behaviour a process gets between two of its 
 
 
 def features() -> list[str]:
-    from collector.metrics import METRICS
+    from osad.collector.metrics import METRICS
 
     probes = ("handle_request", "parse", "query", "send_reply", "cache_get", "gc")
     names = [m.name for m in METRICS]
@@ -131,7 +131,7 @@ class Feed:
         self.ids = [f"{self.prefix}{k:03d}" for k in range(self.n)]
 
     def payloads(self, ks, seqs, ts, factor=None) -> list[bytes]:
-        from schemas import Sample, encode
+        from osad.schemas import Sample, encode
 
         ks, seqs = np.asarray(ks, dtype=np.int64), np.asarray(seqs, dtype=np.int64)
         rows = self.synth.rows(ks, seqs, factor)
@@ -164,8 +164,8 @@ class Reader:
     round, SignatureWindows (headers only) while :meth:`watch_signatures` is on. Keeps record timestamps."""
 
     def __init__(self, bootstrap: str):
-        from runtime.kafka import make_consumer
-        from schemas import ANOMALIES, SCORES, SIGNATURES
+        from osad.runtime.kafka import make_consumer
+        from osad.schemas import ANOMALIES, SCORES, SIGNATURES
 
         self.topics = {ANOMALIES.full_name(): "a", SCORES.full_name(): "s", SIGNATURES.full_name(): "w"}
         self.c = make_consumer(bootstrap, "bench-reader", None)
@@ -181,7 +181,7 @@ class Reader:
         self.matched = 0  # open Anomalies already given to faults (latency phase)
 
     def watch_signatures(self, on: bool) -> None:
-        from schemas import SIGNATURES
+        from osad.schemas import SIGNATURES
 
         name = SIGNATURES.full_name()
         if on:
@@ -238,8 +238,8 @@ class Round:
         self.loads.append((when, os.getloadavg()[0]))
 
     def __enter__(self) -> "Round":
-        from runtime.broker import EmbeddedBroker, free_port
-        from runtime.kafka import ensure_topics
+        from osad.runtime.broker import EmbeddedBroker, free_port
+        from osad.runtime.kafka import ensure_topics
 
         a, tmp = self.a, self.tmp
         try:
@@ -312,7 +312,7 @@ class Round:
 
 
 def producer(bootstrap: str):
-    from runtime.kafka import make_producer
+    from osad.runtime.kafka import make_producer
 
     return make_producer(bootstrap, "bench-collector")  # the collector's settings (linger 5 ms, acks all)
 
@@ -320,7 +320,7 @@ def producer(bootstrap: str):
 def send(prod, feed: Feed, ks, seqs, ts, factor=None, topic=None) -> list[float]:
     """Publish Samples (to the samples topic unless ``topic``); returns the wall-clock time of each one's
     publication (just before its send)."""
-    from schemas import SAMPLES
+    from osad.schemas import SAMPLES
 
     topic = (topic or SAMPLES).full_name()
     out = []
@@ -509,9 +509,9 @@ def match_faults(faults: list[Fault], reader: Reader, feed: Feed, seq0: list[int
 def relay_baseline(rnd: Round, feed: Feed, ticks: int) -> list[float]:
     """Samples through three identity transforms run by the services' runner (4 topics, 3 hops of
     consume -> produce), the same pattern as live Samples; latencies publication -> last record."""
-    from runtime.kafka import ensure_topics, make_consumer
-    from runtime.service import Output, RunnerConfig, ServiceRunner, Transform
-    from schemas import Sample, Topic
+    from osad.runtime.kafka import ensure_topics, make_consumer
+    from osad.runtime.service import Output, RunnerConfig, ServiceRunner, Transform
+    from osad.schemas import Sample, Topic
 
     topics = [Topic(f"bench.relay{i}", Sample, 12, "relay baseline") for i in range(4)]
     ensure_topics(rnd.broker.bootstrap, tuple(topics))
@@ -721,14 +721,14 @@ def core_baseline(a, names: list[str], tmp: Path, seed: int) -> dict:
     after the same history as the throughput phase: *as live*, one Sample per process per call and the
     detector's queue scored after each (one window per model call, as the pipeline below saturation);
     *batched*, 500 Samples per call (a backlog's polls: several windows of a process per model call)."""
-    from alerter.core import AlerterConfig, Engine
-    from detector.cs import CSScorer
-    from detector.service import Detector
-    from featurizer.ranges import RangesStore
-    from featurizer.service import Featurizer
-    from featurizer.windows import WindowConfig
-    from runtime.service import InputMeta
-    from schemas import Sample, decode
+    from osad.alerter.core import AlerterConfig, Engine
+    from osad.detector.cs import CSScorer
+    from osad.detector.service import Detector
+    from osad.featurizer.ranges import RangesStore
+    from osad.featurizer.service import Featurizer
+    from osad.featurizer.windows import WindowConfig
+    from osad.runtime.service import InputMeta
+    from osad.schemas import Sample, decode
 
     feed = Feed("bench/core", a.core_entities, names, 1.0, seed=seed)
     fe = Featurizer(WindowConfig(calibration_samples=a.feat_calibration), RangesStore(None, str(tmp / "core")))

@@ -10,7 +10,7 @@ def register(sub) -> None:
     try:
         from .main import register_collect  # the eBPF collector (collector/main.py)
     except ModuleNotFoundError as e:
-        if e.name != "collector.main":
+        if e.name != "osad.collector.main":
             raise
     else:
         register_collect(sub)

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.config import add_kafka_options, non_negative, option, positive
+from osad.runtime.config import add_kafka_options, non_negative, option, positive
 
 from .core import Entity, Report, Tracker, select
 from .procfs import (CLK_TCK, FALLBACK_COUNTERS, FALLBACK_GAUGES, ProcReader, list_pids, list_tids, read_cgroup,
@@ -430,7 +430,7 @@ class Collector:
     # ---- one interval ---------------------------------------------------------------------
     def collect_once(self) -> list:
         """Drain the backend now: the Samples of the interval that just ended (also written to the sink)."""
-        from schemas import Sample
+        from osad.schemas import Sample
 
         now = time.monotonic()
         interval, self._last = max(now - self._last, 1e-6), now
@@ -516,7 +516,7 @@ def _own_cpu() -> float:
 # Entry point
 
 def run_collect(args: argparse.Namespace) -> int:
-    from runtime.config import apply_common
+    from osad.runtime.config import apply_common
 
     from . import targets as tmod
     from .sinks import SinkError, open_sink, parse_output
@@ -587,8 +587,8 @@ def _parse_probes(values: list[str]) -> list:
 
 
 def _serve_status(c: Collector, port: int):
-    from runtime.http import StatusServer
-    from runtime.metrics import ServiceMetrics
+    from osad.runtime.http import StatusServer
+    from osad.runtime.metrics import ServiceMetrics
 
     m = ServiceMetrics("collector")
     samples = m.counter("osad_collector_samples", "Samples published")

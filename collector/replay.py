@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.datasets import DatasetError, Entity, dataset_name, list_entities, load_entity
-from core.signature import Ranges, write_ranges_file
-from schemas import SAMPLES, Sample
+from osad.core.datasets import DatasetError, Entity, dataset_name, list_entities, load_entity
+from osad.core.signature import Ranges, write_ranges_file
+from osad.schemas import SAMPLES, Sample
 
 log = logging.getLogger("osad.replay")
 
@@ -92,8 +92,8 @@ def train_ranges(plan: ReplayPlan) -> dict[str, Ranges]:
 
 
 def run(args) -> int:
-    from runtime.config import ConfigError, apply_common
-    from runtime.kafka import Publisher, ensure_topics
+    from osad.runtime.config import ConfigError, apply_common
+    from osad.runtime.kafka import Publisher, ensure_topics
 
     apply_common(args)
     try:
@@ -136,7 +136,7 @@ def run(args) -> int:
 
 
 def register_replay(sub) -> None:
-    from runtime.config import add_kafka_options, non_negative, option
+    from osad.runtime.config import add_kafka_options, non_negative, option
 
     p = sub.add_parser("replay", help="publish a benchmark data set (SMD/ASD/JumpStarter layout) as Samples",
                        description=__doc__)

@@ -44,8 +44,8 @@ class KafkaSink(Sink):
     """Publishes to the samples topic, keyed by entity id; flush() waits for the broker's acks."""
 
     def __init__(self, bootstrap: str, client_id: str = "osad-collector", publisher=None):
-        from runtime.kafka import Publisher, ensure_topics
-        from schemas import SAMPLES
+        from osad.runtime.kafka import Publisher, ensure_topics
+        from osad.schemas import SAMPLES
 
         self.topic = SAMPLES
         if publisher is None:
@@ -84,7 +84,7 @@ class JsonlSink(_FileSink):
     """One Sample per line, as on the wire (schemas.encode)."""
 
     def write(self, samples: list) -> None:
-        from schemas import encode
+        from osad.schemas import encode
 
         for s in samples:
             self.f.write(encode(s).decode())

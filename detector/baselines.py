@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.signature import DEFAULT_GAP
-from detector.base import Scorer, ScoreBatch, WindowBatch
+from osad.core.signature import DEFAULT_GAP
+from osad.detector.base import Scorer, ScoreBatch, WindowBatch
 
 __all__ = ["PCAScorer", "L2Scorer", "RandomScorer", "newest_rows", "training_rows"]
 

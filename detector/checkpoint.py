@@ -48,7 +48,7 @@ def build_metadata(scorer) -> dict:
     import safetensors
     import torch
 
-    from detector.mscred import weights_hash
+    from osad.detector.mscred import weights_hash
     from osad import __version__
 
     state = scorer.model.state_dict()
@@ -141,8 +141,8 @@ def load_checkpoint(path, *, device=None, amp: bool = False, score_kind: str | N
     import torch
     from safetensors.torch import load_file
 
-    from core.signature import Ranges
-    from detector.mscred import Calibration, MSCREDConfig, MSCREDScorer, pick_device, weights_hash
+    from osad.core.signature import Ranges
+    from osad.detector.mscred import Calibration, MSCREDConfig, MSCREDScorer, pick_device, weights_hash
 
     path = Path(path)
     retrain = "re-run 'osad train' to write it again"

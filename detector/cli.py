@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 
 
 def _register_detect(sub) -> None:
-    from detector.service_cli import register_detect
+    from osad.detector.service_cli import register_detect
 
     register_detect(sub)
 
@@ -29,7 +29,7 @@ def _register_detect(sub) -> None:
 
 
 def _register_train(sub) -> None:
-    from detector.train_cli import add_train_arguments
+    from osad.detector.train_cli import add_train_arguments
 
     p = sub.add_parser(
         "train",
@@ -43,7 +43,7 @@ def _register_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from detector.train_cli import run_train  # imports torch
+    from osad.detector.train_cli import run_train  # imports torch
 
     return run_train(args)
 
@@ -54,8 +54,8 @@ def _run_train(args) -> int:
 
 
 def _register_evaluate(sub) -> None:
-    from core.thresholds import DEFAULT_FENCE_K
-    from runtime.config import option, positive
+    from osad.core.thresholds import DEFAULT_FENCE_K
+    from osad.runtime.config import option, positive
 
     p = sub.add_parser(
         "evaluate",
@@ -110,8 +110,8 @@ def _parse_fit_options(s: str) -> dict:
 def _run_evaluate(args) -> int:
     import sys
 
-    from core.datasets import DatasetError
-    from detector.evaluate import EvalConfig, evaluate, format_table, model_names
+    from osad.core.datasets import DatasetError
+    from osad.detector.evaluate import EvalConfig, evaluate, format_table, model_names
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     base = [] if args.baselines.strip() in ("", "none") else [b.strip() for b in args.baselines.split(",")]

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detector.base import Scorer, ScoreBatch, WindowBatch
+from osad.detector.base import Scorer, ScoreBatch, WindowBatch
 
 __all__ = ["CSScorer", "CalibratedCSScorer", "basis_pursuit_dct", "dct_matrix", "sbd_matrix", "group_labels",
            "group_labels_batch", "group_basis", "group_bases",

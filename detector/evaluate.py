@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from core import metrics as M
-from core.datasets import Entity, list_entities, load_entity
-from core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, signature_windows, span
-from core.thresholds import DEFAULT_FENCE_K, pot_threshold
-from detector.base import Scorer, WindowBatch
+from osad.core import metrics as M
+from osad.core.datasets import Entity, list_entities, load_entity
+from osad.core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, signature_windows, span
+from osad.core.thresholds import DEFAULT_FENCE_K, pot_threshold
+from osad.detector.base import Scorer, WindowBatch
 
 BASELINES = ("pca", "l2", "random")
 METRIC_KEYS = ("f1", "auprc", "pa_f1", "deployed_f1", "hitrate@100", "hitrate@150")
@@ -57,28 +57,28 @@ def make_scorer(name: str, entity: Entity, ranges: Ranges, *, gap: int = DEFAULT
                 step: int = DEFAULT_STEP, seed: int = 0, threads: int | None = None) -> Scorer:
     """A fresh scorer by name for one entity."""
     if name == "cs":
-        from detector.cs import CalibratedCSScorer
+        from osad.detector.cs import CalibratedCSScorer
 
         return CalibratedCSScorer(gap=gap, seed=seed)
     if name == "cs-faithful":
-        from detector.cs import CSScorer
+        from osad.detector.cs import CSScorer
 
         return CSScorer(gap=gap, seed=seed)
     if name == "pca":
-        from detector.baselines import PCAScorer
+        from osad.detector.baselines import PCAScorer
 
         return PCAScorer(gap=gap)
     if name == "l2":
-        from detector.baselines import L2Scorer
+        from osad.detector.baselines import L2Scorer
 
         return L2Scorer(gap=gap)
     if name == "random":
-        from detector.baselines import RandomScorer
+        from osad.detector.baselines import RandomScorer
 
         return RandomScorer(seed=seed)
     if name == "mscred":
         try:
-            from detector.mscred import MSCREDScorer
+            from osad.detector.mscred import MSCREDScorer
         except ImportError as e:
             raise ValueError(f"--model mscred needs detector.mscred.MSCREDScorer, which cannot be imported ({e}); "
                              "install the detector extra (pip install -e '.[detector]') or pick another model") from None
@@ -306,7 +306,7 @@ def means(results: list[dict], models) -> dict:
 def evaluate(root, models, entities=None, jobs: int = 1, out=None, cfg: EvalConfig = EvalConfig(),
              plots: bool = True, progress=sys.stderr) -> dict:
     """Evaluate ``models`` (baselines included by the caller) on the entities of one data set folder."""
-    from core.datasets import dataset_name
+    from osad.core.datasets import dataset_name
 
     all_names = list_entities(root)
     names = list(entities) if entities else all_names

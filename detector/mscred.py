@@ -63,8 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges
-from detector.base import ScoreBatch, Scorer, WindowBatch
+from osad.core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges
+from osad.detector.base import ScoreBatch, Scorer, WindowBatch
 
 #: Score kinds: "sse" = sum of squared residuals on the smallest scale (continuous; default),
 #: "broken" = number of elements with |R_ij|^2 > theta on the smallest scale (the paper's score).
@@ -559,7 +559,7 @@ class MSCREDScorer(Scorer):
         ``train_options`` go to :class:`detector.train.TrainConfig` (epochs, batch_size, patience,
         val_fraction, lr, seed, progress, ...).
         """
-        from detector.train import TrainConfig, fit_scorer
+        from osad.detector.train import TrainConfig, fit_scorer
 
         sig = self._check_batch(windows)
         if self.features is None:
@@ -651,7 +651,7 @@ class MSCREDScorer(Scorer):
     # ----------------------------------------------------------------------------- checkpoints
     def save(self, path) -> str:
         """Write a safetensors checkpoint (see detector.checkpoint). Returns its content hash."""
-        from detector.checkpoint import save_checkpoint
+        from osad.detector.checkpoint import save_checkpoint
 
         return save_checkpoint(self, path)
 
@@ -659,7 +659,7 @@ class MSCREDScorer(Scorer):
     def from_checkpoint(cls, path, *, device: str | None = None, amp: bool = False, score_kind: str | None = None,
                         threads: int | None = None, batch_size: int = 256) -> "MSCREDScorer":
         """Load a checkpoint written by ``osad train`` (weights and metadata verified)."""
-        from detector.checkpoint import load_checkpoint
+        from osad.detector.checkpoint import load_checkpoint
 
         return load_checkpoint(path, device=device, amp=amp, score_kind=score_kind, threads=threads,
                                batch_size=batch_size)

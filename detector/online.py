@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas import SignatureWindow
+from osad.schemas import SignatureWindow
 
 log = logging.getLogger("osad.detector.online")
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.service import InputMeta, Output, Transform
-from schemas import SCORES, SIGNATURES, Score, SignatureWindow
-from schemas.wire import unpack_symmetric
+from osad.runtime.service import InputMeta, Output, Transform
+from osad.schemas import SCORES, SIGNATURES, Score, SignatureWindow
+from osad.schemas.wire import unpack_symmetric
 
 from .base import Scorer, WindowBatch
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.config import add_kafka_options, option, positive
+from osad.runtime.config import add_kafka_options, option, positive
 
 
 def register_detect(sub) -> None:
@@ -39,8 +39,8 @@ def register_detect(sub) -> None:
 
 
 def run(args) -> int:
-    from runtime.config import apply_common
-    from runtime.service import run_transform
+    from osad.runtime.config import apply_common
+    from osad.runtime.service import run_transform
 
     from .cs import CSScorer
     from .service import Detector, ModelRegistry

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.signature import Ranges, signature_windows, span, window_ends
+from osad.core.signature import Ranges, signature_windows, span, window_ends
 
 
 @dataclass
@@ -95,7 +95,7 @@ def series_windows(x_scaled: np.ndarray, scales, gap: int, step: int, val_fracti
 def dataset_windows(folder, entity: str, scales, gap: int, step: int, val_fraction: float,
                     max_windows: int | None = None) -> TrainingWindows:
     """Windows of a benchmark entity's ``train`` split; scaling ranges fit on that split."""
-    from core.datasets import load_entity
+    from osad.core.datasets import load_entity
 
     ent = load_entity(folder, entity, with_test=False)
     ranges = Ranges.fit(ent.feature_names, ent.train)
@@ -114,7 +114,7 @@ def read_samples(path, entities=None) -> dict[str, list[dict]]:
     entity_id. Each line is validated as a :class:`schemas.messages.Sample`."""
     from pydantic import ValidationError
 
-    from schemas.messages import Sample
+    from osad.schemas.messages import Sample
 
     wanted = set(entities) if entities else None
     out: dict[str, list[dict]] = {}
@@ -232,7 +232,7 @@ def _autocast(device: torch.device, amp: bool):
 @torch.inference_mode()
 def evaluate_loss(model, data: torch.Tensor, device, amp: bool, batch_size: int = 128) -> float:
     """Mean squared reconstruction error of the last step over ``data`` (a CPU tensor)."""
-    from detector.mscred import reconstruction_loss
+    from osad.detector.mscred import reconstruction_loss
 
     model.eval()
     total, n = 0.0, 0
@@ -258,7 +258,7 @@ def train_model(model, train: np.ndarray, val: np.ndarray, cfg: TrainConfig, dev
 
     Returns the history: per epoch loss, val_loss, windows/s, seconds; best_epoch; stopped_early.
     """
-    from detector.mscred import reconstruction_loss
+    from osad.detector.mscred import reconstruction_loss
 
     if len(train) == 0:
         raise ValueError("no training windows; give more data (or a smaller --val-fraction)")
@@ -322,7 +322,7 @@ def fit_scorer(scorer, train: np.ndarray, val: np.ndarray | None, cfg: TrainConf
     With ``val`` None, the last ``cfg.val_fraction`` of ``train`` (time-ordered windows of one
     series) is held out, minus the windows that overlap it.
     """
-    from detector.mscred import Calibration, ScoreStats
+    from osad.detector.mscred import Calibration, ScoreStats
 
     if val is None:
         guard = math.ceil(span(scorer.scales, scorer.gap, scorer.step) / scorer.gap) - 1
@@ -369,7 +369,7 @@ def default_out(source: dict) -> Path:
 
 def fit_with_windows(scorer, data: TrainingWindows, cfg: TrainConfig) -> None:
     """Train ``scorer`` on prepared :class:`TrainingWindows` (its own validation windows)."""
-    from detector.mscred import MSCREDConfig
+    from osad.detector.mscred import MSCREDConfig
 
     if len(data.train) == 0:
         raise ValueError(f"no training windows from {data.source.get('path')}; give more data or a smaller "

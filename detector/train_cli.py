@@ -31,7 +31,7 @@ EXAMPLES = """examples:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from runtime.config import int_list, non_negative, option, positive
+    from osad.runtime.config import int_list, non_negative, option, positive
 
     p.epilog = EXAMPLES
     p.add_argument("input", metavar="INPUT",
@@ -76,16 +76,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    from detector.checkpoint import CheckpointError
-    from detector.mscred import MSCREDScorer
-    from detector.train import TrainConfig, dataset_windows, default_out, fit_with_windows, samples_windows
+    from osad.detector.checkpoint import CheckpointError
+    from osad.detector.mscred import MSCREDScorer
+    from osad.detector.train import TrainConfig, dataset_windows, default_out, fit_with_windows, samples_windows
 
     inp = Path(args.input)
     scales, gap, step = tuple(args.scales), args.gap, args.step
     try:
         if inp.is_dir():
             if len(args.entity) != 1:
-                from core.datasets import list_entities
+                from osad.core.datasets import list_entities
 
                 names = ", ".join(list_entities(inp)[:30])
                 print(f"osad train: {inp} is a data-set folder: name one entity with --entity (one of: {names})",
@@ -108,7 +108,7 @@ def run_train(args) -> int:
         out = Path(args.out) if args.out else default_out(data.source)
         content = scorer.save(out)
         if args.write_ranges:
-            from core.signature import write_ranges_file
+            from osad.core.signature import write_ranges_file
 
             ids = data.source.get("entities") or [data.source["entity"]]
             write_ranges_file(args.write_ranges, {e: data.ranges for e in ids}, default=data.ranges)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.config import add_kafka_options, int_list, non_negative, option, positive
+from osad.runtime.config import add_kafka_options, int_list, non_negative, option, positive
 
 
 def register(sub) -> None:
@@ -35,8 +35,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from runtime.config import ConfigError, apply_common
-    from runtime.service import run_transform
+    from osad.runtime.config import ConfigError, apply_common
+    from osad.runtime.service import run_transform
 
     from .ranges import RangesStore
     from .service import Featurizer

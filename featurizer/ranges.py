@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from core.signature import Ranges, read_ranges_file
+from osad.core.signature import Ranges, read_ranges_file
 
 log = logging.getLogger("osad.featurizer")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from runtime.service import InputMeta, Output, Transform
-from schemas import SAMPLES, SIGNATURES, Sample, SignatureWindow
+from osad.runtime.service import InputMeta, Output, Transform
+from osad.schemas import SAMPLES, SIGNATURES, Sample, SignatureWindow
 
 from .ranges import RangesStore
 from .windows import WindowConfig, WindowStore

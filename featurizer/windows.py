@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, span, squash
+from osad.core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, span, squash
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Window:
 
     @property
     def signatures(self) -> np.ndarray:
-        from schemas.wire import unpack_symmetric
+        from osad.schemas.wire import unpack_symmetric
 
         return unpack_symmetric(self.tri, self.values.shape[1])
 

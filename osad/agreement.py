@@ -38,11 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.procs import start_logged, stop_all
+from osad.runtime.procs import start_logged, stop_all
 
 
 def register(sub) -> None:
-    from runtime.config import option, positive
+    from osad.runtime.config import option, positive
 
     p = sub.add_parser("agreement", help="check that the live pipeline and `osad evaluate` agree on one entity",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,10 +160,10 @@ class _Services:
 
 
 def run(args) -> int:
-    from core import metrics as M
-    from core.datasets import load_entity
-    from core.signature import span
-    from detector.evaluate import EvalConfig, evaluate_entity
+    from osad.core import metrics as M
+    from osad.core.datasets import load_entity
+    from osad.core.signature import span
+    from osad.detector.evaluate import EvalConfig, evaluate_entity
 
     cfg0 = EvalConfig()
     ent = load_entity(args.dir, args.entity)
@@ -225,12 +225,12 @@ def run(args) -> int:
 
 def _stream(args, plan: Plan, ent, work: Path) -> dict:
     """Replay through the real services; returns predictions, point scores and the threshold used."""
-    from alerter.report import Collected, load_kafka
-    from alerter.store import open_store
-    from detector.evaluate import EvalConfig
-    from runtime.broker import EmbeddedBroker, free_port
-    from runtime.kafka import ensure_topics
-    from schemas import SCORES
+    from osad.alerter.report import Collected, load_kafka
+    from osad.alerter.store import open_store
+    from osad.detector.evaluate import EvalConfig
+    from osad.runtime.broker import EmbeddedBroker, free_port
+    from osad.runtime.kafka import ensure_topics
+    from osad.schemas import SCORES
 
     cfg = EvalConfig()  # the offline side's threshold rule, which the alerter must apply too
 
@@ -285,7 +285,7 @@ def _stream(args, plan: Plan, ent, work: Path) -> dict:
     st = (state.get("streams") or {}).get(model_id) or {}
     thr = st.get("judged_threshold", st.get("threshold"))
     interval = ent.interval_s
-    from collector.replay import DEFAULT_START_TS as start_ts
+    from osad.collector.replay import DEFAULT_START_TS as start_ts
 
     def seq_of(ts: float) -> int:
         return int(round((ts - start_ts) / interval)) - 1

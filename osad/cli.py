@@ -10,16 +10,16 @@ import argparse
 import importlib
 import sys
 
-from runtime.config import ConfigError
+from osad.runtime.config import ConfigError
 
 # Modules that contribute subcommands, in --help order.
 _COMMAND_MODULES = (
     "osad.up",
-    "runtime.cli",
-    "collector.cli",
-    "featurizer.cli",
-    "detector.cli",
-    "alerter.cli",
+    "osad.runtime.cli",
+    "osad.collector.cli",
+    "osad.featurizer.cli",
+    "osad.detector.cli",
+    "osad.alerter.cli",
     "osad.workload",
     "osad.agreement",
 )

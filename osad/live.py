@@ -135,7 +135,7 @@ def entity_rows(samples: dict[str, tuple[bytes, float]], scores: dict[str, bytes
     ``scores``: entity id -> the latest Score's raw value. Only those are decoded. Rows are sorted by
     score (highest first, unscored last), at most ``limit``; also returns how many entities qualified.
     """
-    from schemas import Sample, Score, WireError, decode
+    from osad.schemas import Sample, Score, WireError, decode
 
     rows = []
     for eid, (raw, seen) in samples.items():
@@ -248,7 +248,7 @@ class LiveView:
 
     def __init__(self, bootstrap: str, watched: list[Watched], title: str = "", notes: list[str] | None = None,
                  window_s: float = 30.0, rows: int = 12, console=None):
-        from alerter.tail import View
+        from osad.alerter.tail import View
 
         self.bootstrap, self.watched, self.title = bootstrap, watched, title
         self.notes = list(notes or [])
@@ -323,9 +323,9 @@ class LiveView:
             self._stop.wait(2.0)
 
     def _connect(self):
-        from alerter.tail import assign
-        from runtime.kafka import make_consumer
-        from schemas import ANOMALIES, SAMPLES, SCORES
+        from osad.alerter.tail import assign
+        from osad.runtime.kafka import make_consumer
+        from osad.schemas import ANOMALIES, SAMPLES, SCORES
 
         consumer = make_consumer(self.bootstrap, "osad-up-view", None, auto_offset_reset="latest",
                                  connect_timeout_s=10.0)
@@ -342,7 +342,7 @@ class LiveView:
         return None
 
     def _consume(self, consumer) -> None:
-        from schemas import ANOMALIES, SAMPLES, Anomaly, WireError, decode
+        from osad.schemas import ANOMALIES, SAMPLES, Anomaly, WireError, decode
 
         samples, anomalies = SAMPLES.full_name(), ANOMALIES.full_name()
         since_ms = int(time.time() * 1000)  # from now also by record time (see osad tail)

@@ -32,8 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.config import ConfigError, non_negative, option, positive
-from runtime.procs import start_logged, stop_all
+from osad.runtime.config import ConfigError, non_negative, option, positive
+from osad.runtime.procs import start_logged, stop_all
 
 # (service name, osad subcommand, extra arguments; {state} is --state-dir); started in this order,
 # stopped in reverse.
@@ -149,12 +149,12 @@ class DemoPlan:
 
     def due_s(self, row: int) -> float:
         """Seconds after the start until the test row ``row`` has been replayed and its window scored."""
-        from core.signature import DEFAULT_GAP
+        from osad.core.signature import DEFAULT_GAP
 
         return DEMO_STARTUP_S + (row - self.test_skip + DEFAULT_GAP) / self.rate
 
     def describe(self, state_dir: str) -> list[str]:
-        from core.signature import DEFAULT_GAP
+        from osad.core.signature import DEFAULT_GAP
 
         a, b = self.segments[0]
         later = ", ".join(f"{x}..{y} (~{self.due_s(x):.0f} s)" for x, y in self.segments[1:4])
@@ -197,7 +197,7 @@ def plan_demo(dataset: str, entity: str, n_train: int, labels, rate: float, enti
     windows come first; from row 0 when the anomaly is that early (train and test rows then follow
     each other without a gap).
     """
-    from core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, span
+    from osad.core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, span
 
     need = span(DEFAULT_SCALES, DEFAULT_GAP, DEFAULT_STEP)
     train_rows = need + DEFAULT_GAP * (DEMO_CS_CALIBRATE + DEMO_CALIBRATION_SCORES + DEMO_MARGIN_WINDOWS)
@@ -215,9 +215,9 @@ def plan_demo(dataset: str, entity: str, n_train: int, labels, rate: float, enti
 def load_demo(args) -> DemoPlan:
     """Read the demo entity (clear errors naming --demo-dataset / --demo-entity), plan its replay and
     write its train ranges for the featurizer, as ``osad replay --write-ranges`` does."""
-    from collector.replay import ReplayPlan, train_ranges
-    from core.datasets import DatasetError, list_entities, load_entity
-    from core.signature import write_ranges_file
+    from osad.collector.replay import ReplayPlan, train_ranges
+    from osad.core.datasets import DatasetError, list_entities, load_entity
+    from osad.core.signature import write_ranges_file
 
     folder = Path(args.demo_dataset)
     if not folder.is_dir():
@@ -312,8 +312,8 @@ def _override(base: list[str], flags: list[str]) -> list[str]:
 
 
 def run(args) -> int:
-    from runtime.broker import BrokerError, EmbeddedBroker
-    from runtime.kafka import ensure_topics
+    from osad.runtime.broker import BrokerError, EmbeddedBroker
+    from osad.runtime.kafka import ensure_topics
 
     have = available_commands()
     check_options(args)
@@ -416,7 +416,7 @@ def _stop_all(children: list[Child], timeout_s: float) -> None:
 
 
 def _banner(bootstrap: str, embedded: bool, children: list[Child]) -> None:
-    from schemas import ANOMALIES, DEADLETTER, SAMPLES
+    from osad.schemas import ANOMALIES, DEADLETTER, SAMPLES
 
     lines = [f"osad is up. Kafka: {bootstrap}" + (" (embedded broker, memory only)" if embedded else "")]
     for c in children:

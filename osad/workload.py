@@ -34,7 +34,7 @@ MIB = 1 << 20
 
 
 def register(sub) -> None:
-    from runtime.config import option, positive
+    from osad.runtime.config import option, positive
 
     p = sub.add_parser("workload", help="a program that misbehaves on command (demos, end-to-end tests)",
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from runtime.config import option, positive
+from osad.runtime.config import option, positive
 
 
 def register(sub) -> None:
@@ -34,8 +34,8 @@ def _broker(args) -> int:
     import signal
     import threading
 
-    from runtime.broker import BrokerError, EmbeddedBroker
-    from runtime.kafka import ensure_topics
+    from osad.runtime.broker import BrokerError, EmbeddedBroker
+    from osad.runtime.kafka import ensure_topics
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -60,8 +60,8 @@ def _broker(args) -> int:
 def _topics(args) -> int:
     import os
 
-    from runtime.kafka import ensure_topics
-    from schemas import ALL_TOPICS
+    from osad.runtime.kafka import ensure_topics
+    from osad.schemas import ALL_TOPICS
 
     if args.topic_prefix:
         os.environ["OSAD_TOPIC_PREFIX"] = args.topic_prefix
@@ -78,7 +78,7 @@ def _topics(args) -> int:
 def _schemas(args) -> int:
     from pathlib import Path
 
-    from schemas import json_schemas
+    from osad.schemas import json_schemas
 
     docs = json_schemas()
     if args.out:

@@ -9,7 +9,7 @@ import logging
 
 from pydantic import BaseModel
 
-from schemas import ALL_TOPICS, Topic, encode
+from osad.schemas import ALL_TOPICS, Topic, encode
 
 log = logging.getLogger("osad.kafka")
 

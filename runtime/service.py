@@ -29,7 +29,7 @@ from typing import Iterable
 
 from pydantic import BaseModel
 
-from schemas import DEADLETTER, Topic, WireError, decode
+from osad.schemas import DEADLETTER, Topic, WireError, decode
 
 from .http import StatusServer
 from .kafka import Publisher, ensure_topics, make_consumer

@@ -17,7 +17,7 @@ DATASETS = Path(os.environ.get("OSAD_DATASETS", ROOT.parent / "shared" / "datase
 @pytest.fixture(scope="session")
 def broker():
     """A real Kafka-protocol broker (Tansu) on loopback for the whole test session."""
-    from runtime.broker import EmbeddedBroker
+    from osad.runtime.broker import EmbeddedBroker
 
     b = EmbeddedBroker().start()
     yield b

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from schemas import Topic, decode
+from osad.schemas import Topic, decode
 
 
 class TopicReader:

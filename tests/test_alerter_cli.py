@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-from alerter.cli import parse_since
-from alerter.store import open_store
-from schemas import ANOMALIES, Anomaly, RootCause, encode
+from osad.alerter.cli import parse_since
+from osad.alerter.store import open_store
+from osad.schemas import ANOMALIES, Anomaly, RootCause, encode
 from tests.conftest import osad_cmd
 
 
@@ -112,7 +112,7 @@ def test_parse_since():
 def test_tail_once_shows_the_latest_revision_of_each_incident_filtered(broker, topic_prefix):
     from kafka import KafkaProducer
 
-    from runtime.kafka import ensure_topics
+    from osad.runtime.kafka import ensure_topics
 
     ensure_topics(broker.bootstrap, (ANOMALIES,))
     prod = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
@@ -156,10 +156,7 @@ def test_repeatable_options_from_the_environment_and_flags_replace_them(monkeypa
 def test_docstring_examples_run():
     import doctest
 
-    import alerter.cli
-    import alerter.core
-    import alerter.store
-
-    for mod in (alerter.core, alerter.store, alerter.cli):
+    from osad.alerter import cli, core, store
+    for mod in (core, store, cli):
         r = doctest.testmod(mod)
         assert r.attempted > 0 and r.failed == 0, mod.__name__

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from alerter.core import AlerterConfig, Engine, anomaly_id_for, parse_threshold_override, severity_of
-from core.thresholds import pot_threshold
-from schemas import Score
+from osad.alerter.core import AlerterConfig, Engine, anomaly_id_for, parse_threshold_override, severity_of
+from osad.core.thresholds import pot_threshold
+from osad.schemas import Score
 
 FEATS = ["cpu", "mem", "net", "io"]
 CS = "cs-jumpstarter:v1"

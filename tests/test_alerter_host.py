@@ -4,8 +4,8 @@ profile differs (the culprit) keeps its own incident."""
 
 import numpy as np
 
-from alerter.core import AlerterConfig, Engine, host_key
-from schemas import Score
+from osad.alerter.core import AlerterConfig, Engine, host_key
+from osad.schemas import Score
 
 FEATS = ["on_cpu_ns", "runq_wait_ns", "rss_anon_bytes", "write_bytes", "net_tx_bytes", "forks"]
 MODEL = "cs-calibrated:v1"
@@ -205,7 +205,7 @@ def test_a_host_event_nobody_holds_is_closed_by_the_sweep():
 
 def test_host_event_state_goes_through_the_sqlite_store(tmp_path):
     """Persisted like an entity's state (key host:<host>), found again by a restart and by the sweep."""
-    from alerter.store import open_store
+    from osad.alerter.store import open_store
 
     pids = [1, 2, 3]
     eng = calibrated(pids)

@@ -5,12 +5,12 @@ import math
 
 import pytest
 
-from alerter.core import AlerterConfig
-from alerter.service import Alerter
-from alerter.sinks import JsonlSink
-from alerter.store import StoreError, open_store
-from runtime.service import InputMeta
-from schemas import ANOMALIES, SCORES, Anomaly, Score, decode, encode
+from osad.alerter.core import AlerterConfig
+from osad.alerter.service import Alerter
+from osad.alerter.sinks import JsonlSink
+from osad.alerter.store import StoreError, open_store
+from osad.runtime.service import InputMeta
+from osad.schemas import ANOMALIES, SCORES, Anomaly, Score, decode, encode
 from tests.conftest import wait_until
 
 FEATS = ["on_cpu_ns", "rss_anon_bytes", "net_tx_bytes", "syscalls"]
@@ -112,7 +112,7 @@ def test_revoked_partitions_drop_their_entities_after_saving_them(tmp_path):
 
 
 def alerter_proc(tmp_path, broker, name, store, *extra):
-    from runtime.broker import free_port
+    from osad.runtime.broker import free_port
     from tests.kafkautil import Proc
 
     port = free_port()

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from alerter.sinks import JsonlSink, SinkError, WebhookSink
-from runtime.broker import free_port
-from schemas import Anomaly, decode
+from osad.alerter.sinks import JsonlSink, SinkError, WebhookSink
+from osad.runtime.broker import free_port
+from osad.schemas import Anomaly, decode
 from tests.conftest import wait_until
 
 

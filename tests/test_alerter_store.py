@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from alerter.store import StoreError, open_store, redact
-from runtime.broker import free_port
-from schemas import Anomaly, RootCause
+from osad.alerter.store import StoreError, open_store, redact
+from osad.runtime.broker import free_port
+from osad.schemas import Anomaly, RootCause
 
 
 def anomaly(aid="a" * 32, rev=0, status="open", severity="medium", entity="h/1@5", last_ts=100.0, **kw):

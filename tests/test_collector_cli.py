@@ -8,10 +8,10 @@ import subprocess
 
 import pytest
 
-from collector.procfs import FALLBACK_COUNTERS, FALLBACK_GAUGES
-from collector.sinks import read_csv
+from osad.collector.procfs import FALLBACK_COUNTERS, FALLBACK_GAUGES
+from osad.collector.sinks import read_csv
 from conftest import osad_cmd
-from schemas import SAMPLES, Sample, decode
+from osad.schemas import SAMPLES, Sample, decode
 from test_collector_workload import build_workload
 
 NO_EBPF = {"OSAD_COLLECTOR_FORCE_NO_EBPF": "1"}

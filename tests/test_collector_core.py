@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from collector.bpf.uprobes import ProbeSpec, unique_labels
-from collector.core import Birth, Entity, ExitRecord, Report, Snapshot, Tracker, select
-from collector.metrics import METRICS, PROBE_METRICS
-from collector.procfs import FALLBACK_COUNTERS, FALLBACK_GAUGES, NS_PER_TICK, ProcStat, parse_stat
-from collector.sinks import CsvSink, JsonlSink, parse_output, read_csv, SinkError
-from collector.targets import TargetError, build
-from schemas import Sample, decode
+from osad.collector.bpf.uprobes import ProbeSpec, unique_labels
+from osad.collector.core import Birth, Entity, ExitRecord, Report, Snapshot, Tracker, select
+from osad.collector.metrics import METRICS, PROBE_METRICS
+from osad.collector.procfs import FALLBACK_COUNTERS, FALLBACK_GAUGES, NS_PER_TICK, ProcStat, parse_stat
+from osad.collector.sinks import CsvSink, JsonlSink, parse_output, read_csv, SinkError
+from osad.collector.targets import TargetError, build
+from osad.schemas import Sample, decode
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTERS = ("on_cpu_ns", "syscalls")
@@ -208,7 +208,7 @@ def test_parse_stat_with_odd_comm():
 
 
 def test_own_stat_is_read():
-    from collector.procfs import read_stat
+    from osad.collector.procfs import read_stat
 
     st = read_stat(os.getpid())
     assert st is not None and st.start_ticks > 0 and st.num_threads >= 1
@@ -245,11 +245,11 @@ def test_metrics_are_documented():
 
 
 def test_metric_catalogue_matches_the_families():
-    from collector.bpf.mem import RSS_KINDS, Mem
-    from collector.bpf.net import Net
-    from collector.bpf.proc import Proc
-    from collector.bpf.sched import Sched
-    from collector.bpf.syscalls import Syscalls
+    from osad.collector.bpf.mem import RSS_KINDS, Mem
+    from osad.collector.bpf.net import Net
+    from osad.collector.bpf.proc import Proc
+    from osad.collector.bpf.sched import Sched
+    from osad.collector.bpf.syscalls import Syscalls
 
     counters = {n for cls in (Sched, Net, Proc, Mem) for n in cls.counters}
     counters |= {"syscalls", "syscalls_failed", "syscall_time_ns", "read_bytes", "write_bytes"}

@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from collector.bpf import unavailable_reason
-from collector.main import Collector, CollectorConfig, EbpfUnavailable
-from collector.procfs import read_status
-from collector.targets import TargetSpec
+from osad.collector.bpf import unavailable_reason
+from osad.collector.main import Collector, CollectorConfig, EbpfUnavailable
+from osad.collector.procfs import read_status
+from osad.collector.targets import TargetSpec
 from test_collector_workload import build_workload
 
 pytestmark = pytest.mark.ebpf
@@ -224,7 +224,7 @@ def test_threads_mode(work):
 
 def test_user_function_probe(work):
     """--probe BINARY:FUNCTION: a function called 1,000 times is counted 1,000 times."""
-    from collector.bpf.uprobes import ProbeSpec
+    from osad.collector.bpf.uprobes import ProbeSpec
 
     c = _collector(probes=[ProbeSpec.parse(f"{work}:osad_probe_target")])
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detector.base import WindowBatch
-from detector.cs import (CalibratedCSScorer, CSScorer, basis_pursuit_dct, dct_matrix, group_basis, group_labels,
+from osad.detector.base import WindowBatch
+from osad.detector.cs import (CalibratedCSScorer, CSScorer, basis_pursuit_dct, dct_matrix, group_basis, group_labels,
                          lesinn_outlier_scores, sampling_mask, sbd_matrix)
 
 
@@ -188,7 +188,7 @@ def test_calibrated_cs_jump_starts_then_uses_train_ranges():
 def test_fast_grouping_matches_scipy_clustering():
     from scipy.cluster.hierarchy import fcluster, linkage
 
-    from detector.cs import group_labels_batch
+    from osad.detector.cs import group_labels_batch
 
     rng = np.random.default_rng(8)
     d = rng.uniform(0.0, 0.03, (30, 12, 12))  # many pairs under the cut: big components

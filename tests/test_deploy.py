@@ -58,7 +58,7 @@ def test_topic_creation_gives_partitions_for_scaling(compose):
     cmd = "\n".join(compose["services"]["topics"]["command"])
     parts = dict(re.findall(r"(osad\.\w+):(\d+)", cmd))
     assert int(parts["osad.samples"]) >= 12 and int(parts["osad.signatures"]) >= 12
-    from schemas import ALL_TOPICS
+    from osad.schemas import ALL_TOPICS
     assert set(parts) == {t.name for t in ALL_TOPICS}
 
 

@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from detector.cs import CSScorer
-from detector.service import Detector
-from runtime.service import InputMeta
-from schemas import SignatureWindow
+from osad.detector.cs import CSScorer
+from osad.detector.service import Detector
+from osad.runtime.service import InputMeta
+from osad.schemas import SignatureWindow
 
 
 def windows(x, entity="e", gap=5, T=60):
@@ -62,8 +62,8 @@ def test_queued_windows_set_the_runners_poll_deadline():
     oldest queued one is due, and the runner polls no longer than that."""
     import doctest
 
-    import runtime.service
-    from runtime.service import poll_timeout_ms
+    from osad.runtime import service as runtime_service
+    from osad.runtime.service import poll_timeout_ms
 
     now = [100.0]
     det = Detector(CSScorer(gap=5, max_iter=50), max_batch=64, max_wait_ms=20.0, clock=lambda: now[0])
@@ -78,4 +78,4 @@ def test_queued_windows_set_the_runners_poll_deadline():
     assert poll_timeout_ms(200, det.next_deadline()) == 0
     assert [o.msg.window_end_seq for o in det.tick(0.0)] == [w[0].window_end_seq]
     assert det.next_deadline() is None
-    assert doctest.testmod(runtime.service).failed == 0
+    assert doctest.testmod(runtime_service).failed == 0

@@ -2,9 +2,9 @@
 
 import pytest
 
-from core.datasets import load_entity
-from runtime.broker import free_port
-from schemas import SCORES, SIGNATURES
+from osad.core.datasets import load_entity
+from osad.runtime.broker import free_port
+from osad.schemas import SCORES, SIGNATURES
 from tests.conftest import wait_until
 from tests.kafkautil import Proc, TopicReader, health, metric, replicas_split
 from tests.test_featurizer_service import expected_ends, featurizer, replay, write_ranges
@@ -99,7 +99,7 @@ def test_two_detector_replicas_split_the_work_and_score_everything(broker, topic
 def test_train_online_adds_mscred_for_an_entity_without_checkpoint(broker, topic_prefix, tmp_path):
     import math
 
-    from schemas import SAMPLES, Sample, encode
+    from osad.schemas import SAMPLES, Sample, encode
     from kafka import KafkaProducer
 
     models = tmp_path / "models"

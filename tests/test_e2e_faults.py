@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from runtime.broker import free_port
-from schemas import ANOMALIES, SCORES
+from osad.runtime.broker import free_port
+from osad.schemas import ANOMALIES, SCORES
 from tests.conftest import wait_until
 from tests.kafkautil import Proc, TopicReader, health
 
@@ -53,7 +53,7 @@ ALERTER_CALIBRATION = 100  # scores per process and model (the default; 60 gave 
 def _bpf_or_skip():
     if os.geteuid() != 0:
         pytest.skip("eBPF needs root (CI runs as root)")
-    from collector.bpf import unavailable_reason
+    from osad.collector.bpf import unavailable_reason
 
     why = unavailable_reason()
     if why:
@@ -166,7 +166,7 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
             p.terminate()
         dump = os.environ.get("OSAD_E2E_DUMP")  # keep what was seen, to study thresholds offline
         if dump and "scores" in locals():
-            from schemas import encode
+            from osad.schemas import encode
 
             with open(dump, "wb") as fh:
                 for m in scores.messages() + anomalies.messages():

@@ -8,11 +8,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from core.signature import span
-from detector.baselines import L2Scorer, PCAScorer, RandomScorer
-from detector.base import WindowBatch
-from detector.cs import CSScorer
-from detector.evaluate import EvalConfig, covering_ends, evaluate, evaluate_entity, point_windows, score_points
+from osad.core.signature import span
+from osad.detector.baselines import L2Scorer, PCAScorer, RandomScorer
+from osad.detector.base import WindowBatch
+from osad.detector.cs import CSScorer
+from osad.detector.evaluate import EvalConfig, covering_ends, evaluate, evaluate_entity, point_windows, score_points
 
 from tests.conftest import osad_cmd
 
@@ -80,8 +80,7 @@ SLICE = EvalConfig(limit_train=900, limit_test=800)  # omi-2: 3 anomalies in its
 
 
 def test_thresholds_and_scores_never_see_test_labels(datasets_dir, monkeypatch):
-    import detector.evaluate as ev
-
+    import osad.detector.evaluate as ev
     root = datasets_dir / "ASD"
     a = evaluate_entity(root, "omi-2", ["cs", "pca"], SLICE, keep_scores=True)
     real_load = ev.load_entity
@@ -132,11 +131,11 @@ def test_cli_evaluate(datasets_dir, tmp_path):
 
 
 def test_mscred_is_available_through_the_same_interface(datasets_dir):
-    pytest.importorskip("detector.mscred")
-    from core.datasets import load_entity
-    from core.signature import Ranges
-    from detector.base import Scorer
-    from detector.evaluate import make_scorer
+    pytest.importorskip("osad.detector.mscred")
+    from osad.core.datasets import load_entity
+    from osad.core.signature import Ranges
+    from osad.detector.base import Scorer
+    from osad.detector.evaluate import make_scorer
 
     ent = load_entity(datasets_dir / "ASD", "omi-1", with_test=False)
     sc = make_scorer("mscred", ent, Ranges.fit(ent.feature_names, ent.train), threads=1)
@@ -144,8 +143,8 @@ def test_mscred_is_available_through_the_same_interface(datasets_dir):
 
 
 def test_window_batches_match_the_signature_reference_on_and_off_the_grid():
-    from core.signature import signature_windows_naive
-    from detector.evaluate import window_batches
+    from osad.core.signature import signature_windows_naive
+    from osad.detector.evaluate import window_batches
 
     x = np.random.default_rng(2).random((300, 4))
     ends = np.array([99, 150, 209, 299, 233])  # 150 and 233 are off the block grid (tail windows)

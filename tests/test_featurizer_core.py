@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.signature import Ranges, signature_windows, signature_windows_naive, squash, window_ends
-from featurizer.windows import WindowConfig, WindowStore
+from osad.core.signature import Ranges, signature_windows, signature_windows_naive, squash, window_ends
+from osad.featurizer.windows import WindowConfig, WindowStore
 
 
 def feed(store, X, names, eid="e", seqs=None, **kw):

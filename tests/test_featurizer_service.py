@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from core.datasets import load_entity
-from core.signature import Ranges, signature_windows_naive, window_ends
-from runtime.broker import free_port
-from schemas import DEADLETTER, SAMPLES, SIGNATURES, Sample, encode
+from osad.core.datasets import load_entity
+from osad.core.signature import Ranges, signature_windows_naive, window_ends
+from osad.runtime.broker import free_port
+from osad.schemas import DEADLETTER, SAMPLES, SIGNATURES, Sample, encode
 from tests.conftest import wait_until
 from tests.kafkautil import Proc, TopicReader, health, metric, produce_raw, replicas_split
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from core import metrics as M
-from core.thresholds import SPOT, fence, fit_gpd, pot_threshold, sigma_threshold
+from osad.core import metrics as M
+from osad.core.thresholds import SPOT, fence, fit_gpd, pot_threshold, sigma_threshold
 
 
 def test_best_f1_hand_example():

@@ -12,11 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
-from core.signature import Ranges, signature_windows, window_ends  # noqa: E402
-from detector.base import WindowBatch  # noqa: E402
-from detector.checkpoint import CheckpointError, load_checkpoint, read_metadata  # noqa: E402
-from detector.mscred import MSCRED, MSCREDConfig, MSCREDScorer, level_sizes  # noqa: E402
-from detector.train import dataset_windows, samples_windows  # noqa: E402
+from osad.core.signature import Ranges, signature_windows, window_ends  # noqa: E402
+from osad.detector.base import WindowBatch  # noqa: E402
+from osad.detector.checkpoint import CheckpointError, load_checkpoint, read_metadata  # noqa: E402
+from osad.detector.mscred import MSCRED, MSCREDConfig, MSCREDScorer, level_sizes  # noqa: E402
+from osad.detector.train import dataset_windows, samples_windows  # noqa: E402
 
 SCALES, GAP, STEP = (10, 30, 60), 10, 5
 
@@ -256,7 +256,7 @@ def test_osad_train_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert "epoch 1/2" in err and "windows/s" in err
     sc = MSCREDScorer.from_checkpoint(out)
     assert sc.features == ["f01", "f02", "f03", "f04"] and sc.train_info["source"]["entity"].endswith("m-1")
-    from core.signature import read_ranges_file
+    from osad.core.signature import read_ranges_file
 
     ents, default = read_ranges_file(tmp_path / "ranges.json")
     assert default.scaling_id == sc.ranges.scaling_id and list(ents) == [sc.train_info["source"]["entity"]]

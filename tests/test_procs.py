@@ -4,7 +4,7 @@ import os
 import signal
 import sys
 
-from runtime.procs import start_logged, stop_all
+from osad.runtime.procs import start_logged, stop_all
 from tests.conftest import wait_until
 
 # prints "ready" once its SIGTERM handler is set, then waits; on SIGTERM says so and exits 3 (or ignores it)

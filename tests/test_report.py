@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from alerter.report import (DPI, Collected, build_figure, choose_features, figure_size, load_kafka, load_store,
+from osad.alerter.report import (DPI, Collected, build_figure, choose_features, figure_size, load_kafka, load_store,
                             resolve_thresholds, stored_thresholds, write_report)
-from alerter.store import open_store
+from osad.alerter.store import open_store
 from osad.cli import main
-from schemas import SAMPLES, SCORES, Anomaly, RootCause, Sample, Score, encode
+from osad.schemas import SAMPLES, SCORES, Anomaly, RootCause, Sample, Score, encode
 from tests.conftest import wait_until
 
 T0 = 1_700_000_000.0
@@ -139,7 +139,7 @@ def test_matplotlib_missing_says_what_to_install(tmp_path, capsys, monkeypatch):
 
 
 def test_broker_unreachable(tmp_path, capsys):
-    from runtime.broker import free_port
+    from osad.runtime.broker import free_port
 
     rc = main(["report", A, "--out", str(tmp_path / "r.png"), "--bootstrap", f"127.0.0.1:{free_port()}",
                "--connect-timeout-s", "1", "--store", f"sqlite:///{tmp_path}/none.db"])
@@ -148,7 +148,7 @@ def test_broker_unreachable(tmp_path, capsys):
 
 @pytest.mark.broker
 def test_report_from_the_broker_and_the_store(broker, topic_prefix, tmp_path, capsys):
-    from runtime.kafka import ensure_topics, make_producer
+    from osad.runtime.kafka import ensure_topics, make_producer
 
     ensure_topics(broker.bootstrap, (SAMPLES, SCORES))
     prod = make_producer(broker.bootstrap, "test-report")
@@ -194,7 +194,6 @@ def test_report_from_the_broker_and_the_store(broker, topic_prefix, tmp_path, ca
 def test_docstring_examples_run():
     import doctest
 
-    import alerter.report
-
-    r = doctest.testmod(alerter.report)
+    from osad.alerter import report
+    r = doctest.testmod(report)
     assert r.attempted > 0 and r.failed == 0

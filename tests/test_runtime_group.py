@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from runtime.service import Output, RunnerConfig, ServiceRunner, Transform
-from schemas import SAMPLES, SCORES, Sample
+from osad.runtime.service import Output, RunnerConfig, ServiceRunner, Transform
+from osad.schemas import SAMPLES, SCORES, Sample
 from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -31,7 +31,7 @@ class SlowFirst(Transform):
 
 def test_runner_rejoins_after_the_group_dropped_it_and_commits_everything(broker, topic_prefix):
     from kafka import KafkaConsumer, TopicPartition
-    from runtime.kafka import Publisher, ensure_topics
+    from osad.runtime.kafka import Publisher, ensure_topics
 
     ensure_topics(broker.bootstrap)
     pub = Publisher(broker.bootstrap, "t")

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-import schemas
-from schemas import Anomaly, Sample, Score, SignatureWindow, WireError, decode, encode, window_nbytes
+from osad import schemas
+from osad.schemas import Anomaly, Sample, Score, SignatureWindow, WireError, decode, encode, window_nbytes
 
 
 def window(n=38, step=5, scales=(10, 30, 60), seed=0):
@@ -87,7 +87,7 @@ def test_bad_configuration_says_what_to_fix(tmp_path):
 
 
 def test_unreachable_broker_is_a_clear_error():
-    from runtime.kafka import BrokerUnavailable, make_producer
+    from osad.runtime.kafka import BrokerUnavailable, make_producer
 
     with pytest.raises(BrokerUnavailable, match="no Kafka broker answered at 127.0.0.1:1 .*osad broker"):
         make_producer("127.0.0.1:1", "t", connect_timeout_s=1)

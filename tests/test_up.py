@@ -9,8 +9,8 @@ import sys
 import psutil
 import pytest
 
-from runtime.broker import free_port
-from schemas import SIGNATURES
+from osad.runtime.broker import free_port
+from osad.schemas import SIGNATURES
 from tests.conftest import wait_until
 from tests.kafkautil import TopicReader, health
 
@@ -55,7 +55,7 @@ def test_up_runs_the_pipeline_and_ctrl_c_stops_everything(tmp_path, datasets_dir
 def test_free_ports_are_outside_the_ephemeral_range_so_polling_cannot_self_connect():
     """CI once read back its own "GET /healthz" as the status line: the health poll, sent before the
     service listened on an ephemeral port, connected to itself."""
-    from runtime.broker import _ephemeral_range, free_port
+    from osad.runtime.broker import _ephemeral_range, free_port
 
     lo, hi = _ephemeral_range()
     for _ in range(50):

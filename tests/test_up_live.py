@@ -12,8 +12,8 @@ import pytest
 from osad.live import (ENTITY_COLUMNS, IN, OUT, SERVICE_COLUMNS, LiveView, Probe, Watched, entity_rows, error_lines,
                        headline, parse_metrics, service_row)
 from osad.up import DEMO_CALIBRATION_SCORES, DEMO_CS_CALIBRATE, DEMO_LEAD_ROWS, label_segments, plan_demo
-from runtime.config import ConfigError
-from schemas import Anomaly, Sample, Score, encode
+from osad.runtime.config import ConfigError
+from osad.schemas import Anomaly, Sample, Score, encode
 from tests.conftest import wait_until
 
 
@@ -23,7 +23,7 @@ def _exposition(n_in: int, n_out: int, lag: int = 0, errors: int = 0) -> str:
     """What a service's /metrics serves, from the runtime's own registry."""
     from prometheus_client import generate_latest
 
-    from runtime.metrics import ServiceMetrics
+    from osad.runtime.metrics import ServiceMetrics
 
     m = ServiceMetrics("featurizer")
     m.messages_in.inc(n_in)
@@ -194,8 +194,8 @@ def test_demo_entity_must_exist(tmp_path, capsys, datasets_dir):
 @pytest.mark.broker
 @pytest.mark.slow
 def test_demo_shows_an_anomaly_of_the_replayed_entity_within_two_minutes(tmp_path, datasets_dir, monkeypatch):
-    from alerter.store import StoreError, open_store
-    from runtime.broker import free_port
+    from osad.alerter.store import StoreError, open_store
+    from osad.runtime.broker import free_port
 
     monkeypatch.delenv("OSAD_TOPIC_PREFIX", raising=False)
     bport, mport = free_port(), free_port()

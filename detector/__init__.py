@@ -1,0 +1,1 @@
+"""The detector: scorers (compressed sensing, MSCRED, baselines), the scoring engine and service, training and evaluation."""

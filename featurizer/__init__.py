@@ -1,0 +1,1 @@
+"""The featurizer: per-entity windows and MSCRED multi-scale signature matrices."""
