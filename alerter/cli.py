@@ -9,9 +9,9 @@ import sys
 import time
 
 from osad.core.thresholds import DEFAULT_FENCE_K
+from osad.schemas.messages import SEVERITIES
 from osad.runtime.config import ConfigError, add_kafka_options, env_name, non_negative, option, positive
 
-SEVERITIES = ("low", "medium", "high", "critical")  # alerter.core.SEVERITIES, without importing it here
 DEFAULT_STORE = "sqlite:///var/alerter/anomalies.db"
 _STORE_HELP = ("where anomalies and the alerter's restart state live: sqlite:///relative/path.db, "
                "sqlite:////absolute/path.db, or postgresql://USER:PASSWORD@HOST:PORT/DBNAME")
@@ -419,8 +419,6 @@ def _positive_float(s: str) -> float:
 def run_tail(args) -> int:
     from .tail import tail
 
-    if args.topic_prefix:
-        os.environ["OSAD_TOPIC_PREFIX"] = args.topic_prefix
     return tail(args)
 
 

@@ -68,11 +68,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping
 
 from osad.core.thresholds import DEFAULT_FENCE_K, pot_threshold
-from osad.schemas import Anomaly, RootCause, Score
+from osad.schemas import SEVERITIES, Anomaly, RootCause, Score
 
 log = logging.getLogger("osad.alerter")
 
-SEVERITIES = ("low", "medium", "high", "critical")
 #: ratio bounds between consecutive severities: low < 1.5 <= medium < 3 <= high < 10 <= critical
 SEVERITY_BOUNDS = (1.5, 3.0, 10.0)
 #: a chosen threshold is never below this (a constant calibration period would give 0)

@@ -555,9 +555,9 @@ def _read_store(url: str, out: Collected) -> dict[str, float]:
 def _read_kafka(args, out: Collected, topics: Sequence[Topic]) -> None:
     from osad.runtime.kafka import BrokerUnavailable
 
-    _say(f"reading {', '.join(t.full_name(args.topic_prefix or None) for t in topics)} from {args.bootstrap} ...")
+    _say(f"reading {', '.join(t.full_name(args.topic_prefix) for t in topics)} from {args.bootstrap} ...")
     try:
-        load_kafka(args.bootstrap, out, topics, prefix=args.topic_prefix or None, idle_ms=args.idle_ms,
+        load_kafka(args.bootstrap, out, topics, prefix=args.topic_prefix, idle_ms=args.idle_ms,
                    connect_timeout_s=args.connect_timeout_s)
     except BrokerUnavailable as e:
         raise ReportError(f"{e} (or read files with --from-jsonl)") from None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
-SEVERITIES = ("low", "medium", "high", "critical")
+from osad.schemas.messages import SEVERITIES
+
 _STYLE = {"low": "cyan", "medium": "yellow", "high": "bold red", "critical": "bold white on red"}
 
 
@@ -104,7 +105,7 @@ def tail(args) -> int:
         console, view_cls = Console(), View
         if not console.is_terminal:
             console = Console(width=max(console.width, 200))
-    topic = ANOMALIES.full_name()
+    topic = ANOMALIES.full_name(args.topic_prefix)
     deadline = time.monotonic() + args.timeout if args.timeout else None
     try:
         consumer = make_consumer(args.bootstrap, "osad-tail", None,

@@ -546,7 +546,7 @@ def run_collect(args: argparse.Namespace) -> int:
         return 2
     status = None
     try:
-        c.sink = open_sink(args.output, bootstrap=args.bootstrap, metric_names=c.metric_names)
+        c.sink = open_sink(args.output, bootstrap=args.bootstrap, prefix=args.topic_prefix, metric_names=c.metric_names)
         if args.metrics_port:
             status = _serve_status(c, args.metrics_port)
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -106,11 +106,11 @@ def run(args) -> int:
               file=sys.stderr)
     if args.dry_run:
         return 0
-    ensure_topics(args.bootstrap)
-    pub = Publisher(args.bootstrap, "osad-replay")
+    ensure_topics(args.bootstrap, prefix=args.topic_prefix)
+    pub = Publisher(args.bootstrap, "osad-replay", prefix=args.topic_prefix)
     total = sum(plan.rows(e)[0].shape[0] for e in plan.entities)
     print(f"replaying {total} rows of {len(plan.entities)} entities of {dataset_name(args.dir)} "
-          f"({args.split}) to {SAMPLES.full_name()} on {args.bootstrap}"
+          f"({args.split}) to {SAMPLES.full_name(args.topic_prefix)} on {args.bootstrap}"
           + (f" at {args.rate} rows/s per entity" if args.rate else " as fast as possible"), file=sys.stderr)
     t0 = time.monotonic()
     last_report = t0

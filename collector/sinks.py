@@ -43,14 +43,14 @@ class Sink:
 class KafkaSink(Sink):
     """Publishes to the samples topic, keyed by entity id; flush() waits for the broker's acks."""
 
-    def __init__(self, bootstrap: str, client_id: str = "osad-collector", publisher=None):
+    def __init__(self, bootstrap: str, client_id: str = "osad-collector", publisher=None, prefix: str = ""):
         from osad.runtime.kafka import Publisher, ensure_topics
         from osad.schemas import SAMPLES
 
         self.topic = SAMPLES
         if publisher is None:
-            ensure_topics(bootstrap, (SAMPLES,))
-            publisher = Publisher(bootstrap, client_id)
+            ensure_topics(bootstrap, (SAMPLES,), prefix=prefix)
+            publisher = Publisher(bootstrap, client_id, prefix=prefix)
         self.pub = publisher
 
     def write(self, samples: list) -> None:
@@ -118,10 +118,10 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def open_sink(spec: str, *, bootstrap: str = "", metric_names: Iterable[str] = ()) -> Sink:
+def open_sink(spec: str, *, bootstrap: str = "", prefix: str = "", metric_names: Iterable[str] = ()) -> Sink:
     kind, path = parse_output(spec)
     if kind == "kafka":
-        return KafkaSink(bootstrap)
+        return KafkaSink(bootstrap, prefix=prefix)
     if kind == "jsonl":
         return JsonlSink(path)
     return CsvSink(path, metric_names)

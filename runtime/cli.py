@@ -44,7 +44,7 @@ def _broker(args) -> int:
         print(f"osad broker: {e}", file=sys.stderr)
         return 1
     if not args.no_topics:
-        ensure_topics(b.bootstrap)
+        ensure_topics(b.bootstrap)  # an embedded broker serves one installation: no prefix
     print(f"broker ready: bootstrap {b.bootstrap} (memory only; Ctrl-C stops it)", file=sys.stderr, flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -58,20 +58,16 @@ def _broker(args) -> int:
 
 
 def _topics(args) -> int:
-    import os
-
     from osad.runtime.kafka import ensure_topics
     from osad.schemas import ALL_TOPICS
 
-    if args.topic_prefix:
-        os.environ["OSAD_TOPIC_PREFIX"] = args.topic_prefix
     parts = None
     if args.partitions:
         parts = {t.name: args.partitions for t in ALL_TOPICS if t.default_partitions > 1 and t.name != "osad.anomalies"}
-    created = ensure_topics(args.bootstrap, partitions=parts)
+    created = ensure_topics(args.bootstrap, partitions=parts, prefix=args.topic_prefix)
     for t in ALL_TOPICS:
-        mark = "created" if t.full_name() in created else "exists"
-        print(f"{t.full_name():<28} {mark:<8} {t.doc}")
+        mark = "created" if t.full_name(args.topic_prefix) in created else "exists"
+        print(f"{t.full_name(args.topic_prefix):<28} {mark:<8} {t.doc}")
     return 0
 
 

@@ -1,15 +1,47 @@
-"""Configuration from flags and environment variables, validated, with errors that say what to fix.
+"""Typed configuration, declared once: flags, ``OSAD_*`` environment variables, validation and --help.
 
-Every option ``--some-option`` can also be set as ``OSAD_SOME_OPTION``; a flag wins over the
-environment, the environment over the default. Services declare options with :func:`option`
-and read the validated result as an argparse namespace.
+A command's settings are one dataclass deriving from :class:`Config`, each field declared with
+:func:`setting` (its help text, check and, if the default naming does not fit, its flag). From
+that one declaration come
+
+* the command-line flag ``--field-name`` (``Config.add_arguments``), with ``--help`` text that
+  names the environment variable and the default;
+* the environment variable ``OSAD_FIELD_NAME``: a flag wins over the environment, the
+  environment over the default (read once, when the parser is built);
+* validation: a bad flag is an argparse error naming the flag, a bad environment variable or a
+  bad value given in code a :class:`ConfigError` naming the field, its flag and its variable;
+* the typed object the command runs with (``Config.from_args``).
+
+Settings shared by several commands (the Kafka connection, say) are a Config of their own, held
+by a field declared with :func:`section`; its settings become flags of the outer command.
+No setting travels through ``os.environ`` inside a process: the typed object is passed along.
+
+Example::
+
+    >>> import argparse
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Demo(Config):
+    ...     gap: int = setting(10, help="samples between windows", check=positive)
+    ...     name: str = setting("x", help="a name")
+    >>> p = argparse.ArgumentParser()
+    >>> Demo.add_arguments(p, environ={"OSAD_NAME": "from-env"})
+    >>> Demo.from_args(p.parse_args(["--gap", "5"]))
+    Demo(gap=5, name='from-env')
+    >>> Demo(gap=0)
+    Traceback (most recent call last):
+    ...
+    osad.runtime.config.ConfigError: --gap (OSAD_GAP) = 0: must be greater than 0
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-from typing import Any, Callable
+import typing
+from dataclasses import MISSING, dataclass
+from typing import Any, Callable, Mapping
 
 
 class ConfigError(ValueError):
@@ -20,24 +52,212 @@ def env_name(flag: str) -> str:
     return "OSAD_" + flag.lstrip("-").replace("-", "_").upper()
 
 
-def option(parser: argparse.ArgumentParser, flag: str, *, type: Callable[[str], Any] = str, default: Any = None,
-           help: str = "", choices=None, check: Callable[[Any], str | None] | None = None, **kw) -> None:
-    """Add ``flag`` whose default comes from ``OSAD_<FLAG>`` when set, validated by ``type``/``check``."""
-    env = env_name(flag)
-    raw = os.environ.get(env)
-    if raw is not None and raw != "":
-        try:
-            default = type(raw)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"environment variable {env}={raw!r} is not valid for {flag}: {e}") from None
-        if choices is not None and default not in choices:
-            raise ConfigError(f"environment variable {env}={raw!r}: choose one of {', '.join(map(str, choices))}")
-    shown = f" (env {env}; default: {default})" if default not in (None, "") else f" (env {env})"
-    parser.add_argument(flag, type=_checked(type, check, flag), default=default, help=help + shown,
-                        choices=choices, **kw)
+@dataclass(frozen=True)
+class Setting:
+    """What one config field declares beyond its type and default."""
+
+    help: str
+    check: Callable[[Any], str | None] | None = None
+    parse: Callable[[str], Any] | None = None  # text -> value (default: from the field's type)
+    flag: str | None = None  # default: --<field-name>
+    env: bool = True  # False: no environment variable (a positional, or a flag that must not leak)
+    choices: tuple | None = None
+    group: str | None = None  # --help section
+    metavar: str | None = None
+    positional: bool = False
+    nargs: str | None = None  # positionals: "?" for optional
+    repeat: str | None = None  # a repeatable flag (a list); its variable separates values by this
+    negate: bool = False  # a bool whose flag turns it off (--no-x sets the field to False)
+
+    def flag_for(self, name: str) -> str:
+        return name if self.positional else (self.flag or "--" + name.replace("_", "-"))
+
+    def env_for(self, name: str) -> str | None:
+        return env_name(self.flag_for(name)) if self.env and not self.positional else None
 
 
-def _checked(type_, check, flag):
+def setting(default: Any = MISSING, *, default_factory: Any = MISSING, **kw) -> Any:
+    """Declare a config field: ``gap: int = setting(10, help=..., check=positive)``."""
+    meta = {"osad": Setting(**kw)}
+    if default_factory is not MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    if isinstance(default, (list, dict, set)):
+        val = default
+        return dataclasses.field(default_factory=lambda: type(val)(val), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def section(cls: type, **overrides) -> Any:
+    """A field holding a nested Config (e.g. the Kafka connection); its settings become flags of the
+    outer command. ``overrides`` change that section's defaults for this command."""
+    return dataclasses.field(default_factory=lambda: cls(**overrides),
+                             metadata={"osad_section": cls, "osad_defaults": overrides})
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp):
+    """``int | None`` -> int; ``list[int]`` -> list."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return _base_type(args[0])
+    return origin or tp
+
+
+class Config:
+    """Base of every typed configuration (a frozen dataclass whose fields use :func:`setting`)."""
+
+    # -- introspection -----------------------------------------------------------------------
+    @classmethod
+    def settings(cls) -> list[tuple[dataclasses.Field, Setting]]:
+        return [(f, f.metadata["osad"]) for f in dataclasses.fields(cls) if "osad" in f.metadata]
+
+    @classmethod
+    def sections(cls) -> list[tuple[dataclasses.Field, type]]:
+        return [(f, f.metadata["osad_section"]) for f in dataclasses.fields(cls) if "osad_section" in f.metadata]
+
+    # -- validation --------------------------------------------------------------------------
+    def __post_init__(self):
+        for f, s in self.settings():
+            v = getattr(self, f.name)
+            if s.check is None or v is None:
+                continue
+            for item in (v if s.repeat is not None else [v]):
+                msg = s.check(item)
+                if msg:
+                    raise ConfigError(f"{self._where(f.name)} = {item!r}: {msg}")
+        msg = self.validate()
+        if msg:
+            raise ConfigError(msg)
+
+    def validate(self) -> str | None:
+        """Checks across fields; return what is wrong (naming the flags) or None."""
+        return None
+
+    @classmethod
+    def _where(cls, name: str) -> str:
+        s = dict((f.name, st) for f, st in cls.settings())[name]
+        env = s.env_for(name)
+        return s.flag_for(name) + (f" ({env})" if env else "")
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    # -- argparse ----------------------------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, *, environ: Mapping[str, str] | None = None,
+                      defaults: Mapping[str, Any] | None = None, exclude: tuple[str, ...] = ()) -> None:
+        """Add one flag per setting (sections included). ``defaults`` overrides field defaults for this
+        command; ``exclude`` leaves settings out (they keep their defaults)."""
+        env = os.environ if environ is None else environ
+        hints = _hints(cls)
+        groups: dict[str, Any] = {}
+        defaults = dict(defaults or {})
+        for f in dataclasses.fields(cls):
+            if "osad_section" in f.metadata:
+                sub = f.metadata["osad_section"]
+                sub.add_arguments(parser, environ=env, defaults={**f.metadata["osad_defaults"],
+                                                                 **defaults.get(f.name, {})},
+                                  exclude=exclude)
+                continue
+            if "osad" not in f.metadata or f.name in exclude:
+                continue
+            s: Setting = f.metadata["osad"]
+            target = parser
+            if s.group:
+                if s.group not in groups:
+                    groups[s.group] = parser.add_argument_group(s.group)
+                target = groups[s.group]
+            default = defaults.get(f.name, f.default if f.default is not MISSING else
+                                   (f.default_factory() if f.default_factory is not MISSING else None))
+            action = _add(target, cls, f.name, s, hints[f.name], default, env)
+            action.osad_setting = (cls, f.name)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides):
+        """The typed config from parsed arguments (sections included); ``overrides`` win."""
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if "osad_section" in f.metadata:
+                kw[f.name] = f.metadata["osad_section"].from_args(args)
+            elif "osad" in f.metadata and hasattr(args, f.name):
+                kw[f.name] = getattr(args, f.name)
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def _parser_for(s: Setting, tp) -> Callable[[str], Any]:
+    if s.parse is not None:
+        return s.parse
+    base = _base_type(tp)
+    if base in (int, float, str):
+        return base
+    return str
+
+
+def _add(target, cls, name: str, s: Setting, tp, default, env: Mapping[str, str]):
+    flag = s.flag_for(name)
+    var = s.env_for(name)
+    base = _base_type(tp)
+    conv = _parser_for(s, tp)
+    raw = env.get(var) if var else None
+    if base is bool and not s.positional:
+        if raw not in (None, ""):
+            on = raw.strip().lower() in ("1", "true", "yes", "on")
+            if not on and raw.strip().lower() not in ("0", "false", "no", "off"):
+                raise ConfigError(f"environment variable {var}={raw!r}: give 1 or 0 (for {flag})")
+            default = (not on) if s.negate else on
+        shown = f" (env {var}=1)" if var else ""
+        return target.add_argument(flag, dest=name, action="store_false" if s.negate else "store_true",
+                                   default=default, help=s.help + shown)
+    if s.repeat is not None:
+        vals = list(default or [])
+        if raw not in (None, ""):
+            vals = []
+            for part in (x.strip() for x in raw.split(s.repeat)):
+                if part:
+                    vals.append(_convert_env(conv, s, part, var, flag))
+        sep = "spaces" if s.repeat == " " else f"'{s.repeat}'"
+        return target.add_argument(flag, dest=name, action=_FlagsReplaceEnv, type=_checked(conv, s.check),
+                                   default=vals, metavar=s.metavar or name.upper(),
+                                   help=f"{s.help} (repeatable; env {var}, several separated by {sep}; flags "
+                                   "replace the env)")
+    if raw not in (None, ""):
+        default = _convert_env(conv, s, raw, var, flag)
+    shown = ""
+    if var:
+        shown = f" (env {var}; default: {default})" if default not in (None, "") else f" (env {var})"
+    elif default not in (None, "") and not s.positional:
+        shown = f" (default: {default})"
+    kw: dict[str, Any] = dict(type=_checked(conv, s.check), help=(s.help + shown).replace("%", "%%"),
+                              choices=list(s.choices) if s.choices else None)
+    if s.metavar:
+        kw["metavar"] = s.metavar
+    if s.positional:
+        if s.nargs:
+            kw["nargs"] = s.nargs
+            kw["default"] = default
+        return target.add_argument(name, **kw)
+    return target.add_argument(flag, dest=name, default=default, **kw)
+
+
+def _convert_env(conv, s: Setting, raw: str, var: str, flag: str):
+    try:
+        v = conv(raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"environment variable {var}={raw!r} is not valid for {flag}: {e}") from None
+    if s.choices is not None and v not in s.choices:
+        raise ConfigError(f"environment variable {var}={raw!r}: choose one of {', '.join(map(str, s.choices))}")
+    msg = s.check(v) if s.check else None
+    if msg:
+        raise ConfigError(f"environment variable {var}={raw!r} is not valid for {flag}: {msg}")
+    return v
+
+
+def _checked(type_, check):
     def conv(s: str):
         try:
             v = type_(s)
@@ -52,12 +272,38 @@ def _checked(type_, check, flag):
     return conv
 
 
+class _FlagsReplaceEnv(argparse.Action):
+    """Append, but the first flag replaces the values that came from the environment."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = getattr(namespace, "_flags_seen", set())
+        cur = [] if self.dest not in seen else list(getattr(namespace, self.dest) or [])
+        seen.add(self.dest)
+        namespace._flags_seen = seen
+        setattr(namespace, self.dest, cur + [values])
+
+
+# -- checks and parsers --------------------------------------------------------------------------
+
 def positive(v) -> str | None:
     return None if v > 0 else "must be greater than 0"
 
 
 def non_negative(v) -> str | None:
     return None if v >= 0 else "must be 0 or more"
+
+
+def at_least(n):
+    def check(v):
+        return None if v >= n else f"must be at least {n}"
+    return check
+
+
+def in_range(lo, hi, *, lo_open=True, hi_open=True):
+    def check(v):
+        ok = (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+        return None if ok else f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return check
 
 
 def int_list(s: str) -> list[int]:
@@ -67,8 +313,55 @@ def int_list(s: str) -> list[int]:
     return vals
 
 
+# -- the settings every Kafka-connected command shares -------------------------------------------
+
+@dataclass(frozen=True)
+class KafkaConfig(Config):
+    """Where the broker is and how osad's topics are named there."""
+
+    bootstrap: str = setting("127.0.0.1:9092", help="Kafka bootstrap servers, comma-separated host:port")
+    topic_prefix: str = setting("", help="prefix for every topic name and consumer group (several "
+                                "installations on one cluster)")
+
+
+@dataclass(frozen=True)
+class ServiceConfig(Config):
+    """What every long-running service has besides the broker: its group, metrics port and log level."""
+
+    group: str = setting("", help="consumer group; replicas in one group share partitions "
+                         "(default: osad-<service>)")
+    metrics_port: int = setting(0, help="serve Prometheus /metrics and /healthz on this port (0: off)",
+                                check=non_negative)
+    log_level: str = setting("INFO", help="log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def setup_logging(level: str = "INFO") -> None:
+    import logging
+
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -- transitional: commands not yet declared as a Config ---------------------------------------
+
+def option(parser: argparse.ArgumentParser, flag: str, *, type: Callable[[str], Any] = str, default: Any = None,
+           help: str = "", choices=None, check: Callable[[Any], str | None] | None = None, **kw) -> None:
+    """Add ``flag`` whose default comes from ``OSAD_<FLAG>`` when set (superseded by :class:`Config`)."""
+    env = env_name(flag)
+    raw = os.environ.get(env)
+    if raw is not None and raw != "":
+        try:
+            default = type(raw)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"environment variable {env}={raw!r} is not valid for {flag}: {e}") from None
+        if choices is not None and default not in choices:
+            raise ConfigError(f"environment variable {env}={raw!r}: choose one of {', '.join(map(str, choices))}")
+    shown = f" (env {env}; default: {default})" if default not in (None, "") else f" (env {env})"
+    parser.add_argument(flag, type=_checked(type, check), default=default, help=help + shown,
+                        choices=choices, **kw)
+
+
 def add_kafka_options(p: argparse.ArgumentParser, group_default: str | None = None) -> None:
-    """The options every Kafka-connected service has."""
+    """The options every Kafka-connected service has (superseded by KafkaConfig + ServiceConfig)."""
     option(p, "--bootstrap", default="127.0.0.1:9092",
            help="Kafka bootstrap servers, comma-separated host:port")
     option(p, "--topic-prefix", default="", help="prefix for every topic name and consumer group (several "
@@ -81,10 +374,5 @@ def add_kafka_options(p: argparse.ArgumentParser, group_default: str | None = No
 
 
 def apply_common(args: argparse.Namespace) -> None:
-    """Act on the common options (topic prefix, logging)."""
-    import logging
-
-    if getattr(args, "topic_prefix", None) is not None and args.topic_prefix != "":
-        os.environ["OSAD_TOPIC_PREFIX"] = args.topic_prefix
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Act on the common options (logging). The topic prefix is passed explicitly, never via the environment."""
+    setup_logging(getattr(args, "log_level", "INFO"))

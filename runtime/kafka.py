@@ -82,7 +82,7 @@ def make_consumer(bootstrap: str, client_id: str, group_id: str | None, *, max_p
 
 
 def ensure_topics(bootstrap: str, topics: tuple[Topic, ...] = ALL_TOPICS, partitions: dict[str, int] | None = None,
-                  connect_timeout_s: float = 30.0) -> list[str]:
+                  connect_timeout_s: float = 30.0, prefix: str = "") -> list[str]:
     """Create the topics that do not exist yet (idempotent). Returns the names created."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
@@ -94,7 +94,7 @@ def ensure_topics(bootstrap: str, topics: tuple[Topic, ...] = ALL_TOPICS, partit
         existing = set(admin.list_topics())
         new = []
         for t in topics:
-            name = t.full_name()
+            name = t.full_name(prefix)
             if name in existing:
                 continue
             n = (partitions or {}).get(t.name, t.default_partitions)
@@ -123,14 +123,15 @@ class Publisher:
     >>> # pub = Publisher("127.0.0.1:9092", "collector"); pub.publish(SAMPLES, sample); pub.flush()
     """
 
-    def __init__(self, bootstrap: str, client_id: str, producer=None):
+    def __init__(self, bootstrap: str, client_id: str, producer=None, prefix: str = ""):
         self.producer = producer or make_producer(bootstrap, client_id)
+        self.prefix = prefix  # the topic prefix of this installation
         self.sent = 0
         self._pending: list = []
 
     def publish(self, topic: Topic, msg: BaseModel, key: str | None = None, headers=None):
         k = key if key is not None else getattr(msg, "entity_id", None)
-        fut = self.producer.send(topic.full_name(), key=k.encode() if k else None, value=encode(msg),
+        fut = self.producer.send(topic.full_name(self.prefix), key=k.encode() if k else None, value=encode(msg),
                                  headers=headers)
         self.sent += 1
         self._pending.append(fut)

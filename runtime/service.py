@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from osad.schemas import DEADLETTER, Topic, WireError, decode
 
+from .config import setup_logging
 from .http import StatusServer
 from .kafka import Publisher, ensure_topics, make_consumer
 from .metrics import ServiceMetrics
@@ -122,6 +123,7 @@ class RunnerConfig:
     bootstrap: str
     group: str
     client_id: str = ""
+    topic_prefix: str = ""
     metrics_port: int = 0
     poll_timeout_ms: int = 200
     max_poll_records: int = 500
@@ -161,16 +163,16 @@ class ServiceRunner:
             signal.signal(signal.SIGINT, self.stop)
         cid = self.cfg.client_id or f"osad-{self.t.name}"
         if self.cfg.create_topics:
-            ensure_topics(self.cfg.bootstrap)  # idempotent; a production cluster may have them already
-        self.publisher = Publisher(self.cfg.bootstrap, cid)
+            ensure_topics(self.cfg.bootstrap, prefix=self.cfg.topic_prefix)  # idempotent; a production cluster may have them already
+        self.publisher = Publisher(self.cfg.bootstrap, cid, prefix=self.cfg.topic_prefix)
         self.consumer = make_consumer(
             self.cfg.bootstrap, cid, self.cfg.group, max_poll_records=self.cfg.max_poll_records,
             max_poll_interval_ms=self.cfg.max_poll_interval_ms, session_timeout_ms=self.cfg.session_timeout_ms,
         )
         if self.cfg.metrics_port:
             self.status = StatusServer(self.cfg.metrics_port, self.metrics, self.health).start()
-        self.consumer.subscribe([self.t.input.full_name()], listener=_Rebalance(self))
-        log.info("%s: consuming %s as group %s from %s", self.t.name, self.t.input.full_name(), self.cfg.group,
+        self.consumer.subscribe([self.t.input.full_name(self.cfg.topic_prefix)], listener=_Rebalance(self))
+        log.info("%s: consuming %s as group %s from %s", self.t.name, self.t.input.full_name(self.cfg.topic_prefix), self.cfg.group,
                  self.cfg.bootstrap)
         try:
             last_commit = time.monotonic()
@@ -253,7 +255,7 @@ class ServiceRunner:
             ("osad.source_offset", str(m.offset).encode()),
             ("osad.service", self.t.name.encode()),
         ]
-        self.publisher.publish_raw(DEADLETTER.full_name(), m.key, m.value, headers=headers)
+        self.publisher.publish_raw(DEADLETTER.full_name(self.cfg.topic_prefix), m.key, m.value, headers=headers)
         self.metrics.dead_letters.inc()
 
     # -- offsets -----------------------------------------------------------------------------
@@ -348,7 +350,7 @@ class ServiceRunner:
             "status": "ok" if ok else ("stopping" if self._stop.is_set() else "stalled"),
             "last_poll_age_s": round(age, 3),
             "assigned_partitions": sorted(tp.partition for tp in self._assigned),
-            "input_topic": self.t.input.full_name(),
+            "input_topic": self.t.input.full_name(self.cfg.topic_prefix),
         }
 
 
@@ -365,17 +367,21 @@ def _Rebalance(runner: ServiceRunner):
     return Listener()
 
 
-def run_transform(transform: Transform, args, group: str | None = None) -> int:
-    """Run ``transform`` with the common options (``runtime.config.add_kafka_options``)."""
-    import os
-
-    group = group or getattr(args, "group", None) or f"osad-{transform.name}"
-    prefix = os.environ.get("OSAD_TOPIC_PREFIX", "")
+def run_transform(transform: Transform, kafka, service=None, group: str | None = None) -> int:
+    """Run ``transform`` as a service: ``kafka`` (a :class:`osad.runtime.config.KafkaConfig`) says where
+    the broker is and how topics are named, ``service`` (a ``ServiceConfig``) its group and metrics port.
+    (Transitional: an argparse namespace with those attributes is accepted in place of both.)"""
+    if service is None:
+        service = kafka
+    setup_logging(getattr(service, "log_level", "INFO") or "INFO")
+    prefix = getattr(kafka, "topic_prefix", "") or ""
+    group = group or getattr(service, "group", None) or f"osad-{transform.name}"
     if prefix and not group.startswith(prefix):
         group = prefix + group  # installations that share a cluster share no consumer group either
     cfg = RunnerConfig(
-        bootstrap=args.bootstrap,
+        bootstrap=kafka.bootstrap,
         group=group,
-        metrics_port=getattr(args, "metrics_port", 0) or 0,
+        topic_prefix=prefix,
+        metrics_port=getattr(service, "metrics_port", 0) or 0,
     )
     return ServiceRunner(transform, cfg).run()

@@ -1,12 +1,12 @@
 """osad's message contract: models, topics and wire format. The only place that knows them."""
 
-from .messages import SCHEMA_VERSION, Anomaly, DeadLetterInfo, EntityRef, RootCause, Sample, Score, SignatureWindow, WindowHeader
+from .messages import SCHEMA_VERSION, SEVERITIES, Anomaly, Severity, severity_rank, DeadLetterInfo, EntityRef, RootCause, Sample, Score, SignatureWindow, WindowHeader
 from .topics import ALL as ALL_TOPICS
 from .topics import ANOMALIES, DEADLETTER, SAMPLES, SCORES, SIGNATURES, Topic
 from .wire import WireError, decode, encode, window_nbytes
 
 __all__ = [
-    "SCHEMA_VERSION", "Anomaly", "DeadLetterInfo", "EntityRef", "RootCause", "Sample", "Score", "SignatureWindow",
+    "SCHEMA_VERSION", "SEVERITIES", "Severity", "severity_rank", "Anomaly", "DeadLetterInfo", "EntityRef", "RootCause", "Sample", "Score", "SignatureWindow",
     "ALL_TOPICS", "ANOMALIES", "DEADLETTER", "SAMPLES", "SCORES", "SIGNATURES", "Topic",
     "WireError", "decode", "encode", "window_nbytes", "json_schemas",
 ]

@@ -13,12 +13,27 @@ reused pid); replayed benchmark data uses ``{dataset}/{entity}``. Every topic is
 from __future__ import annotations
 
 import math
+import typing
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
+
+
+#: An anomaly's severity, least to most severe (the alerter maps score/threshold ratios onto it).
+Severity = Literal["low", "medium", "high", "critical"]
+SEVERITIES: tuple[str, ...] = typing.get_args(Severity)
+
+
+def severity_rank(severity: str) -> int:
+    """0 for low ... 3 for critical.
+
+    >>> severity_rank("low"), severity_rank("critical")
+    (0, 3)
+    """
+    return SEVERITIES.index(severity)
 
 
 class _Msg(BaseModel):
@@ -177,7 +192,7 @@ class Anomaly(EntityRef):
     anomaly_id: str
     revision: int = Field(0, ge=0)
     status: Literal["open", "update", "closed"]
-    severity: Literal["low", "medium", "high", "critical"]
+    severity: Severity
     start_ts: float
     last_ts: float
     end_ts: float | None = None

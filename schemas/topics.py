@@ -1,11 +1,11 @@
 """Topic names and which message type each carries: declared once, here.
 
-Names can be prefixed (``OSAD_TOPIC_PREFIX``) so several osad installations share one cluster.
+Names can be prefixed (``--topic-prefix``) so several osad installations share one cluster; the prefix
+is passed explicitly to whatever names a topic.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -20,9 +20,8 @@ class Topic:
     default_partitions: int
     doc: str
 
-    def full_name(self, prefix: str | None = None) -> str:
-        p = os.environ.get("OSAD_TOPIC_PREFIX", "") if prefix is None else prefix
-        return p + self.name
+    def full_name(self, prefix: str = "") -> str:
+        return (prefix or "") + self.name
 
 
 SAMPLES = Topic("osad.samples", Sample, 12, "One Sample per process per interval (collector, replay).")
@@ -38,8 +37,8 @@ DEADLETTER = Topic(
 ALL = (SAMPLES, SIGNATURES, SCORES, ANOMALIES, DEADLETTER)
 
 
-def by_name(name: str) -> Topic:
+def by_name(name: str, prefix: str = "") -> Topic:
     for t in ALL:
-        if t.name == name or t.full_name() == name:
+        if t.name == name or t.full_name(prefix) == name:
             return t
     raise KeyError(f"unknown topic {name!r}; known: {', '.join(t.name for t in ALL)}")

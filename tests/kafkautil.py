@@ -17,8 +17,8 @@ from osad.schemas import Topic, decode
 class TopicReader:
     """Reads every partition of a topic from the beginning, without a consumer group."""
 
-    def __init__(self, bootstrap: str, topic: Topic | str, model=None):
-        self.name = topic if isinstance(topic, str) else topic.full_name()
+    def __init__(self, bootstrap: str, topic: Topic | str, model=None, prefix: str = ""):
+        self.name = topic if isinstance(topic, str) else topic.full_name(prefix)
         self.model = model if model is not None else (None if isinstance(topic, str) else topic.model)
         self.c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
                                fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)

@@ -114,12 +114,12 @@ def test_tail_once_shows_the_latest_revision_of_each_incident_filtered(broker, t
 
     from osad.runtime.kafka import ensure_topics
 
-    ensure_topics(broker.bootstrap, (ANOMALIES,))
+    ensure_topics(broker.bootstrap, (ANOMALIES,), prefix=topic_prefix)
     prod = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
     older_a = anomaly(A.anomaly_id, A.entity_id, "medium", "open", A.last_ts - 20, rev=0)
     for a in (older_a, A, B, C):
-        prod.send(ANOMALIES.full_name(), key=a.entity_id.encode(), value=encode(a))
-    prod.send(ANOMALIES.full_name(), key=b"x", value=b"not json")  # ignored
+        prod.send(ANOMALIES.full_name(topic_prefix), key=a.entity_id.encode(), value=encode(a))
+    prod.send(ANOMALIES.full_name(topic_prefix), key=b"x", value=b"not json")  # ignored
     prod.flush()
     prod.close()
 

@@ -40,7 +40,7 @@ def normal(n):
 def run(alerter, scores, offset0=0, partition=3):
     out = []
     for k, s in enumerate(scores):
-        out += alerter.process(s, InputMeta(SCORES.full_name(), partition, offset0 + k))
+        out += alerter.process(s, InputMeta(SCORES.name, partition, offset0 + k))
     return [o.msg for o in out]
 
 
@@ -122,12 +122,12 @@ def alerter_proc(tmp_path, broker, name, store, *extra):
     return p, port
 
 
-def produce(broker, scores):
+def produce(broker, scores, topic_prefix):
     from kafka import KafkaProducer
 
     prod = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5)
     for s in scores:
-        prod.send(SCORES.full_name(), key=s.entity_id.encode(), value=encode(s))
+        prod.send(SCORES.full_name(topic_prefix), key=s.entity_id.encode(), value=encode(s))
     prod.flush()
     prod.close()
 
@@ -141,25 +141,25 @@ def test_alerter_on_the_broker_redelivery_and_restart(broker, topic_prefix, tmp_
 
     db = f"sqlite:///{tmp_path}/anomalies.db"
     a, port = alerter_proc(tmp_path, broker, "a1", db)
-    reader = TopicReader(broker.bootstrap, ANOMALIES)
+    reader = TopicReader(broker.bootstrap, ANOMALIES, prefix=topic_prefix)
 
     def states():
         return [(x.anomaly_id, x.revision, x.status) for x in reader.messages()]
     try:
         wait_until(lambda: (health(port) or {}).get("status") == "ok", 90, what="the alerter to be healthy")
         first = normal(30) + [score(30 + i, v) for i, v in enumerate([8, 9, 40, 41, 0.5, 0.5, 0.5, 0.5])]
-        produce(broker, first)
+        produce(broker, first, topic_prefix)
         reader.read_until(lambda r: any(s == "closed" for *_, s in states()), 120, "the first incident to close")
         one = states()
         assert [s for *_, s in one] == ["open", "update", "closed"] and len({i for i, *_ in one}) == 1
         assert [r for _, r, _ in one] == [0, 1, 2]
         assert all(m.key == ENTITY.encode() for m in reader.records)
 
-        produce(broker, first)  # delivered twice (e.g. a detector restarted)
+        produce(broker, first, topic_prefix)  # delivered twice (e.g. a detector restarted)
         wait_until(lambda: (metric(port, "osad_alerter_events_total", event="duplicate") or 0) >= len(first), 120,
                    what="the re-delivered Scores to be recognised as duplicates")
         # then an incident opens; the alerter restarts in the middle of it
-        produce(broker, [score(40, 6), score(41, 7)])
+        produce(broker, [score(40, 6), score(41, 7)], topic_prefix)
         reader.read_until(lambda r: len(states()) == 4, 120, "the second incident to open")
         second = states()[3]
         assert second[2] == "open" and second[0] != one[0][0]
@@ -169,7 +169,7 @@ def test_alerter_on_the_broker_redelivery_and_restart(broker, topic_prefix, tmp_
 
     b, port = alerter_proc(tmp_path, broker, "a2", db)
     try:
-        produce(broker, [score(42, 60), score(43, 0.4), score(44, 0.4), score(45, 0.4)])
+        produce(broker, [score(42, 60), score(43, 0.4), score(44, 0.4), score(45, 0.4)], topic_prefix)
         reader.read_until(lambda r: len(states()) >= 6, 120, "the second incident's update and close")
         after = states()[4:]
         assert [(i, s) for i, _, s in after] == [(second[0], "update"), (second[0], "closed")]

@@ -96,7 +96,7 @@ def test_samples_reach_the_samples_topic(broker, topic_prefix, work):
     r = collect("--command", f"{work} burn 300", "--interval", "0.2", "--bootstrap", broker.bootstrap)
     assert r.returncode == 0, r.stderr
     ebpf = "eBPF unavailable" not in r.stderr
-    reader = TopicReader(broker.bootstrap, SAMPLES)
+    reader = TopicReader(broker.bootstrap, SAMPLES, prefix=topic_prefix)
     try:
         summary = [ln for ln in r.stderr.splitlines() if "collector stopped" in ln]
         n = int(summary[-1].split(" samples")[0].rsplit(" ", 1)[1])

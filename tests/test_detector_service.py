@@ -40,7 +40,7 @@ def test_cs_scores_every_window_and_mscred_joins_when_a_checkpoint_appears(broke
     try:
         replay(tmp_path, broker, asd, "--entity", "omi-1", "--split", "test", "--limit", "160").run_to_end()
         exp1 = set(expected_ends(160, first))
-        reader = TopicReader(broker.bootstrap, SCORES)
+        reader = TopicReader(broker.bootstrap, SCORES, prefix=topic_prefix)
         reader.read_until(lambda r: scores_by(reader, "cs").get("ASD/omi-1", set()) >= exp1, 180,
                           "a compressed-sensing score for every window (cold start)")
         assert not scores_by(reader, "mscred"), "no checkpoint yet, so no MSCRED score"
@@ -84,7 +84,7 @@ def test_two_detector_replicas_split_the_work_and_score_everything(broker, topic
             for e in sorted(p.stem for p in (ds / "train").iterdir()):
                 first = load_entity(ds, e, with_test=False).train.shape[0]
                 want[f"{ds.name}/{e}"] = set(expected_ends(n, first))
-        reader = TopicReader(broker.bootstrap, SCORES)
+        reader = TopicReader(broker.bootstrap, SCORES, prefix=topic_prefix)
         reader.read_until(lambda r: all(scores_by(reader, "cs").get(k, set()) >= v for k, v in want.items()), 300,
                           "a score for every window of every entity")
         done = [metric(p, "osad_detector_scores_total") or 0 for p in (pa, pb)]
@@ -112,7 +112,7 @@ def test_train_online_adds_mscred_for_an_entity_without_checkpoint(broker, topic
         for i in range(a, b):
             m = {f"m{k}": math.sin(i / (5 + k)) + 0.1 * k for k in range(4)}
             s = Sample(entity_id="synthetic/e1", host="h", comm="synth", ts=float(i), interval_s=1.0, seq=i, metrics=m)
-            prod.send(SAMPLES.full_name(), key=b"synthetic/e1", value=encode(s))
+            prod.send(SAMPLES.full_name(topic_prefix), key=b"synthetic/e1", value=encode(s))
         prod.flush()
 
     try:
@@ -120,7 +120,7 @@ def test_train_online_adds_mscred_for_an_entity_without_checkpoint(broker, topic
         wait_until(lambda: list(models.glob("online-*.safetensors")), 300, what="the online model's checkpoint")
         wait_until(lambda: metric(dport, "osad_detector_checkpoints") == 1, 60, what="the detector to load it")
         send(340, 400)
-        reader = TopicReader(broker.bootstrap, SCORES)
+        reader = TopicReader(broker.bootstrap, SCORES, prefix=topic_prefix)
         reader.read_until(lambda r: scores_by(reader, "mscred").get("synthetic/e1"), 120, "an online MSCRED score")
         assert "training MSCRED online for synthetic/e1 on 24 windows" in d.text()
     finally:

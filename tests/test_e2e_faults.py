@@ -90,8 +90,8 @@ def test_every_fault_opens_one_incident_and_normal_opens_none(broker, topic_pref
         procs.append(Proc(["collect", "--pid", pids, "--interval", "0.5", "--bootstrap", bs],
                           tmp_path / "collector.log"))
 
-        scores = TopicReader(bs, SCORES)
-        anomalies = TopicReader(bs, ANOMALIES)
+        scores = TopicReader(bs, SCORES, prefix=topic_prefix)
+        anomalies = TopicReader(bs, ANOMALIES, prefix=topic_prefix)
 
         def per_pid_scores():
             n = {}

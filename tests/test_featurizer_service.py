@@ -53,7 +53,7 @@ def test_replayed_smd_windows_equal_the_formula(broker, topic_prefix, tmp_path, 
         exp = expected_ends(n, first)
         wait_until(lambda: metric(port, "osad_messages_in_total") == n, 120, what="featurizer to read every sample")
         wait_until(lambda: metric(port, "osad_offset_commits_total") is not None, 30, what="a commit")
-        reader = TopicReader(broker.bootstrap, SIGNATURES)
+        reader = TopicReader(broker.bootstrap, SIGNATURES, prefix=topic_prefix)
         reader.read_until(lambda r: len(r) >= len(exp), 60, "all windows")
         reader.poll(500)
         wins = reader.messages()
@@ -79,14 +79,14 @@ def test_malformed_messages_go_to_dead_letter_and_processing_goes_on(broker, top
     f, port = featurizer(tmp_path, broker, "f", "--scales", "2,4", "--gap", "2", "--step", "2",
                          "--calibration-samples", "5")
     try:
-        topic = SAMPLES.full_name()
+        topic = SAMPLES.full_name(topic_prefix)
         produce_raw(broker.bootstrap, topic, b"bad-1", b"\x00not json at all")
         produce_raw(broker.bootstrap, topic, b"bad-2", json.dumps({"entity_id": "x", "host": "h"}).encode())
         for i in range(12):
             s = Sample(entity_id="ok", host="h", comm="c", ts=float(i + 1), interval_s=1.0, seq=i,
                        metrics={"a": float(i % 3), "b": float(i % 5)})
             produce_raw(broker.bootstrap, topic, b"ok", encode(s))
-        dlq = TopicReader(broker.bootstrap, DEADLETTER.full_name())
+        dlq = TopicReader(broker.bootstrap, DEADLETTER, prefix=topic_prefix)
         recs = dlq.read_until(lambda r: len(r) >= 2, 60, "2 dead letters")
         by_key = {m.key: m for m in recs}
         assert by_key[b"bad-1"].value == b"\x00not json at all"  # the original bytes, untouched
@@ -95,7 +95,7 @@ def test_malformed_messages_go_to_dead_letter_and_processing_goes_on(broker, top
         assert h1["osad.source_topic"].decode() == topic and h1["osad.service"] == b"featurizer"
         h2 = dict(by_key[b"bad-2"].headers)
         assert b"ts: Field required" in h2["osad.reason"]
-        sig = TopicReader(broker.bootstrap, SIGNATURES)
+        sig = TopicReader(broker.bootstrap, SIGNATURES, prefix=topic_prefix)
         sig.read_until(lambda r: len(r) >= 4, 60, "windows after the bad messages")
         assert [w.window_end_seq for w in sig.messages()][:4] == [5, 7, 9, 11]
         assert metric(port, "osad_dead_letters_total") == 2
@@ -113,7 +113,7 @@ def test_sigterm_mid_stream_then_restart_loses_no_window(broker, topic_prefix, t
     f1, port = featurizer(tmp_path, broker, "f1", ranges=ranges)
     rp = replay(tmp_path, broker, smd, "--entity", "machine-2-1", "--split", "test", "--limit", str(n),
                 "--rate", "400")
-    reader = TopicReader(broker.bootstrap, SIGNATURES)
+    reader = TopicReader(broker.bootstrap, SIGNATURES, prefix=topic_prefix)
     reader.read_until(lambda r: len(r) >= 30, 120, "the first windows")
     assert f1.terminate() == 0, f1.text()[-2000:]
     assert "stopped cleanly" in f1.text()
@@ -144,7 +144,7 @@ def test_two_replicas_split_partitions_and_together_cover_everything(broker, top
             for e in sorted(p.stem for p in (ds / "train").iterdir()):
                 first = load_entity(ds, e, with_test=False).train.shape[0]
                 want[f"{ds.name}/{e}"] = set(expected_ends(n, first))
-        reader = TopicReader(broker.bootstrap, SIGNATURES)
+        reader = TopicReader(broker.bootstrap, SIGNATURES, prefix=topic_prefix)
 
         def complete(_r):
             have = {}

@@ -150,12 +150,12 @@ def test_broker_unreachable(tmp_path, capsys):
 def test_report_from_the_broker_and_the_store(broker, topic_prefix, tmp_path, capsys):
     from osad.runtime.kafka import ensure_topics, make_producer
 
-    ensure_topics(broker.bootstrap, (SAMPLES, SCORES))
+    ensure_topics(broker.bootstrap, (SAMPLES, SCORES), prefix=topic_prefix)
     prod = make_producer(broker.bootstrap, "test-report")
     for topic, msgs in ((SAMPLES, samples() + samples(B, 30)), (SCORES, scores() + scores(B, 3))):
         for m in msgs:
-            prod.send(topic.full_name(), key=m.entity_id.encode(), value=encode(m))
-    prod.send(SAMPLES.full_name(), key=A.encode(), value=b"not a sample")
+            prod.send(topic.full_name(topic_prefix), key=m.entity_id.encode(), value=encode(m))
+    prod.send(SAMPLES.full_name(topic_prefix), key=A.encode(), value=b"not a sample")
     prod.flush()
     prod.close()
     url = f"sqlite:///{tmp_path}/anomalies.db"
@@ -168,7 +168,7 @@ def test_report_from_the_broker_and_the_store(broker, topic_prefix, tmp_path, ca
 
     def load() -> Collected | None:
         c = Collected(A)
-        load_kafka(broker.bootstrap, c, idle_ms=500)
+        load_kafka(broker.bootstrap, c, prefix=topic_prefix, idle_ms=500)
         return c if len(c.samples) == 120 and len(c.scores) == 12 else None
     got = wait_until(load, timeout_s=60, what="the entity's samples and scores on the topics")
     assert {m.entity_id for m in got.samples + got.scores} == {A}  # B's messages dropped by key

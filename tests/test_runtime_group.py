@@ -33,13 +33,13 @@ def test_runner_rejoins_after_the_group_dropped_it_and_commits_everything(broker
     from kafka import KafkaConsumer, TopicPartition
     from osad.runtime.kafka import Publisher, ensure_topics
 
-    ensure_topics(broker.bootstrap)
-    pub = Publisher(broker.bootstrap, "t")
+    ensure_topics(broker.bootstrap, prefix=topic_prefix)
+    pub = Publisher(broker.bootstrap, "t", prefix=topic_prefix)
     for i in range(20):
         pub.publish(SAMPLES, Sample(entity_id="e", host="h", ts=1.0 + i, interval_s=1.0, seq=i, metrics={"m": 1.0}))
     pub.flush()
     t = SlowFirst(hold_s=8.0)
-    cfg = RunnerConfig(bootstrap=broker.bootstrap, group=f"{topic_prefix}slow", max_poll_interval_ms=2000,
+    cfg = RunnerConfig(bootstrap=broker.bootstrap, group=f"{topic_prefix}slow", topic_prefix=topic_prefix, max_poll_interval_ms=2000,
                        session_timeout_ms=6000, commit_interval_s=0.2, max_poll_records=1)
     runner = ServiceRunner(t, cfg, install_signals=False)
     th = threading.Thread(target=runner.run, daemon=True)
@@ -47,7 +47,7 @@ def test_runner_rejoins_after_the_group_dropped_it_and_commits_everything(broker
     try:
         wait_until(lambda: len(set(t.seen)) == 20, 120, what="every message processed after the slow batch")
         c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=f"{topic_prefix}slow", enable_auto_commit=False)
-        tps = [TopicPartition(SAMPLES.full_name(), p) for p in c.partitions_for_topic(SAMPLES.full_name())]
+        tps = [TopicPartition(SAMPLES.full_name(topic_prefix), p) for p in c.partitions_for_topic(SAMPLES.full_name(topic_prefix))]
 
         def committed_all():
             return sum((c.committed(tp) or 0) for tp in tps) >= 20
