@@ -60,7 +60,7 @@ class Setting:
     check: Callable[[Any], str | None] | None = None
     parse: Callable[[str], Any] | None = None  # text -> value (default: from the field's type)
     flag: str | None = None  # default: --<field-name>
-    env: bool = True  # False: no environment variable (a positional, or a flag that must not leak)
+    env: bool | str = True  # a name: that variable instead of OSAD_<FLAG>; False: none (positionals)
     choices: tuple | None = None
     group: str | None = None  # --help section
     metavar: str | None = None
@@ -73,7 +73,9 @@ class Setting:
         return name if self.positional else (self.flag or "--" + name.replace("_", "-"))
 
     def env_for(self, name: str) -> str | None:
-        return env_name(self.flag_for(name)) if self.env and not self.positional else None
+        if self.positional or not self.env:
+            return None
+        return self.env if isinstance(self.env, str) else env_name(self.flag_for(name))
 
 
 def setting(default: Any = MISSING, *, default_factory: Any = MISSING, **kw) -> Any:

@@ -19,6 +19,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .triangles import pack_symmetric, unpack_symmetric
+
 SCHEMA_VERSION = 1
 
 
@@ -120,16 +122,12 @@ class SignatureWindow(WindowHeader):
     @property
     def signatures(self) -> np.ndarray:
         """float32 [step, S, N, N], the full symmetric matrices."""
-        from .wire import unpack_symmetric
-
         return unpack_symmetric(self.tri, len(self.features))
 
     @model_validator(mode="before")
     @classmethod
     def _from_full(cls, data):
         if isinstance(data, dict) and "signatures" in data and "tri" not in data:
-            from .wire import pack_symmetric
-
             data = dict(data)
             full = np.asarray(data.pop("signatures"), dtype=np.float32)
             if full.ndim != 4 or full.shape[-1] != full.shape[-2]:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import struct
-from functools import lru_cache
 from typing import TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from .messages import Anomaly, Sample, Score, SignatureWindow
+from .triangles import pack_symmetric, unpack_symmetric
 
 _MAGIC = b"OSW\x01"
 _HDR = struct.Struct("<4sI")
@@ -38,26 +38,6 @@ M = TypeVar("M", bound=BaseModel)
 
 class WireError(ValueError):
     """A message could not be decoded or validated. The text says what was wrong."""
-
-
-@lru_cache(maxsize=64)
-def _triu(n: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.triu_indices(n)
-
-
-def pack_symmetric(mats: np.ndarray) -> np.ndarray:
-    """[..., N, N] symmetric -> [..., N(N+1)/2] upper triangles (float32)."""
-    iu = _triu(mats.shape[-1])
-    return np.ascontiguousarray(mats[..., iu[0], iu[1]], dtype=np.float32)
-
-
-def unpack_symmetric(tri: np.ndarray, n: int) -> np.ndarray:
-    """[..., N(N+1)/2] -> [..., N, N] symmetric (float32)."""
-    iu = _triu(n)
-    out = np.empty(tri.shape[:-1] + (n, n), dtype=np.float32)
-    out[..., iu[0], iu[1]] = tri
-    out[..., iu[1], iu[0]] = tri
-    return out
 
 
 def window_nbytes(n_features: int, n_scales: int = 3, step: int = 5, max_scale: int = 60) -> int:
