@@ -1,4 +1,4 @@
-"""The alerter service: Scores in, Anomalies out (a thin shell over alerter.core).
+"""The alerter service: Scores in, Anomalies out (a thin shell over :class:`osad.alerter.core.Engine`).
 
 Persistence follows the runner's at-least-once contract. The runner asks :meth:`Alerter.retained`
 right after every output so far was acknowledged by the broker and before it commits input offsets;
@@ -17,11 +17,12 @@ import threading
 import time
 
 from osad.runtime.service import InputMeta, Output, Transform
+from osad.runtime.sinks import Sink
 from osad.schemas import ANOMALIES, SCORES, Anomaly, Score
 
-from .core import AlerterConfig, Engine
-from .sinks import Sink
-from .store import Store, StoreError
+from .config import AlerterConfig
+from .core import Engine
+from .store import STATE_TTL_S, Store, StoreError
 
 log = logging.getLogger("osad.alerter")
 
@@ -31,7 +32,7 @@ class Alerter(Transform):
     input = SCORES
 
     def __init__(self, cfg: AlerterConfig, store: Store, sinks: list[Sink] | tuple = (), clock=time.time,
-                 sweep_every_s: float = 60.0, state_ttl_s: float = 7 * 86400.0):
+                 sweep_every_s: float = 60.0, state_ttl_s: float = STATE_TTL_S):
         self.cfg = cfg
         self.store = store
         self.sinks = list(sinks)

@@ -1,8 +1,9 @@
 """Where anomalies go besides the topic and the store: webhooks and a JSONL file.
 
-A sink's ``send(anomaly)`` never blocks the pipeline. :class:`WebhookSink` posts the anomaly's JSON
-(the same bytes as on the topic) from a background thread with retries and exponential backoff; its
-queue is bounded, and when it is full the oldest waiting anomaly is dropped and counted.
+Both derive from :class:`osad.runtime.sinks.Sink`. A sink's ``send(anomaly)`` never blocks the pipeline.
+:class:`WebhookSink` posts the anomaly's JSON (the same bytes as on the topic) from a background
+thread with retries and exponential backoff; its queue is bounded, and when it is full the oldest
+waiting anomaly is dropped and counted. :class:`JsonlSink` appends one anomaly per line (``--jsonl``).
 
 Counters (``counts``): ``sent`` (2xx answer), ``retried`` (attempts that failed and were retried),
 ``failed`` (given up: a 4xx answer other than 408/429, or every attempt failed), ``dropped``
@@ -17,54 +18,22 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from urllib.parse import urlsplit
 
+from osad.runtime import sinks as runtime_sinks
+from osad.runtime.sinks import Sink, SinkError
 from osad.schemas import Anomaly, encode
+
+__all__ = ["JsonlSink", "Sink", "SinkError", "WebhookSink"]
 
 log = logging.getLogger("osad.alerter.sinks")
 
 
-class SinkError(ValueError):
-    """A sink is misconfigured; the text says what to fix."""
-
-
-class Sink:
-    name = "sink"
-
-    def __init__(self):
-        self.counts: collections.Counter = collections.Counter()
-
-    def send(self, anomaly: Anomaly) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        pass
-
-
-class JsonlSink(Sink):
-    """Appends one JSON anomaly per line to ``path`` (flushed after each)."""
+class JsonlSink(runtime_sinks.JsonlSink):
+    """``--jsonl``: appends one JSON anomaly per line to ``path`` (never truncates), flushed after each."""
 
     def __init__(self, path: str):
-        super().__init__()
-        self.name = f"jsonl:{path}"
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(path, "ab")
-        except OSError as e:
-            raise SinkError(f"--jsonl {path}: cannot open for appending: {e}") from None
-
-    def send(self, anomaly: Anomaly) -> None:
-        try:
-            self.fh.write(encode(anomaly) + b"\n")
-            self.fh.flush()
-            self.counts["sent"] += 1
-        except OSError as e:
-            self.counts["failed"] += 1
-            log.error("%s: write failed: %s", self.name, e)
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        self.fh.close()
+        super().__init__(path, append=True, flush_each=True, what="--jsonl")
 
 
 class WebhookSink(Sink):

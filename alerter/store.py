@@ -19,17 +19,21 @@ Both hold the same tables with the same meaning (see docs/alerter.md, "Store"):
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
 from pathlib import Path
 from typing import Iterable
 
-from osad.schemas import Anomaly, decode, encode
+from osad.schemas import Anomaly, decode, encode, severity_rank
 
 SCHEMA_VERSION = "1"
-_SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
+#: where ``osad alert`` keeps anomalies and state unless ``--store`` (``OSAD_STORE``) says otherwise
+DEFAULT_STORE = "sqlite:///var/alerter/anomalies.db"
+STORE_HELP = ("where anomalies and the alerter's restart state live: sqlite:///relative/path.db, "
+              "sqlite:////absolute/path.db, or postgresql://USER:PASSWORD@HOST:PORT/DBNAME")
+#: stored states of entities without an open incident are forgotten when not updated for this long
+STATE_TTL_S = 7 * 86400.0
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS osad_store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
@@ -147,7 +151,7 @@ class Store:
         """Upsert anomalies (keeping each id's highest revision) and replace states (None deletes), in
         one transaction."""
         now = time.time() if now is None else now
-        rows = [(a.anomaly_id, a.revision, a.entity_id, a.status, a.severity, _SEVERITY_RANK[a.severity],
+        rows = [(a.anomaly_id, a.revision, a.entity_id, a.status, a.severity, severity_rank(a.severity),
                  a.start_ts, a.last_ts, a.end_ts, a.max_ratio, ",".join(a.models), a.summary,
                  encode(a).decode(), now) for a in anomalies]
         st_rows, deletes = [], []
@@ -388,6 +392,3 @@ class PostgresStore(Store):
             if self.conn is not None:
                 self.conn.close()
 
-
-def default_store_url() -> str:
-    return os.environ.get("OSAD_STORE", "sqlite:///var/alerter/anomalies.db")

@@ -68,6 +68,8 @@ class Setting:
     nargs: str | None = None  # positionals: "?" for optional
     repeat: str | None = None  # a repeatable flag (a list); its variable separates values by this
     negate: bool = False  # a bool whose flag turns it off (--no-x sets the field to False)
+    required: bool = False  # a flag that must be given (on the command line or by its variable)
+    aliases: tuple[str, ...] = ()  # more flags for the same setting (e.g. a short "-o")
 
     def flag_for(self, name: str) -> str:
         return name if self.positional else (self.flag or "--" + name.replace("_", "-"))
@@ -111,6 +113,9 @@ def _base_type(tp):
 
 class Config:
     """Base of every typed configuration (a frozen dataclass whose fields use :func:`setting`)."""
+
+    #: --help section title -> the text shown under it (a plain class attribute, not a field)
+    group_descriptions: Mapping[str, str] = {}
 
     # -- introspection -----------------------------------------------------------------------
     @classmethod
@@ -156,7 +161,6 @@ class Config:
         command; ``exclude`` leaves settings out (they keep their defaults)."""
         env = os.environ if environ is None else environ
         hints = _hints(cls)
-        groups: dict[str, Any] = {}
         defaults = dict(defaults or {})
         for f in dataclasses.fields(cls):
             if "osad_section" in f.metadata:
@@ -168,11 +172,7 @@ class Config:
             if "osad" not in f.metadata or f.name in exclude:
                 continue
             s: Setting = f.metadata["osad"]
-            target = parser
-            if s.group:
-                if s.group not in groups:
-                    groups[s.group] = parser.add_argument_group(s.group)
-                target = groups[s.group]
+            target = _group(parser, s.group, cls.group_descriptions.get(s.group)) if s.group else parser
             default = defaults.get(f.name, f.default if f.default is not MISSING else
                                    (f.default_factory() if f.default_factory is not MISSING else None))
             action = _add(target, cls, f.name, s, hints[f.name], default, env)
@@ -213,7 +213,7 @@ def _add(target, cls, name: str, s: Setting, tp, default, env: Mapping[str, str]
                 raise ConfigError(f"environment variable {var}={raw!r}: give 1 or 0 (for {flag})")
             default = (not on) if s.negate else on
         shown = f" (env {var}=1)" if var else ""
-        return target.add_argument(flag, dest=name, action="store_false" if s.negate else "store_true",
+        return target.add_argument(flag, *s.aliases, dest=name, action="store_false" if s.negate else "store_true",
                                    default=default, help=s.help + shown)
     if s.repeat is not None:
         vals = list(default or [])
@@ -223,10 +223,10 @@ def _add(target, cls, name: str, s: Setting, tp, default, env: Mapping[str, str]
                 if part:
                     vals.append(_convert_env(conv, s, part, var, flag))
         sep = "spaces" if s.repeat == " " else f"'{s.repeat}'"
-        return target.add_argument(flag, dest=name, action=_FlagsReplaceEnv, type=_checked(conv, s.check),
+        from_env = f"; env {var}, several separated by {sep}; flags replace the env" if var else ""
+        return target.add_argument(flag, *s.aliases, dest=name, action=_FlagsReplaceEnv, type=_checked(conv, s.check),
                                    default=vals, metavar=s.metavar or name.upper(),
-                                   help=f"{s.help} (repeatable; env {var}, several separated by {sep}; flags "
-                                   "replace the env)")
+                                   help=f"{s.help} (repeatable{from_env})")
     if raw not in (None, ""):
         default = _convert_env(conv, s, raw, var, flag)
     shown = ""
@@ -238,12 +238,22 @@ def _add(target, cls, name: str, s: Setting, tp, default, env: Mapping[str, str]
                               choices=list(s.choices) if s.choices else None)
     if s.metavar:
         kw["metavar"] = s.metavar
+    if s.required and default in (None, ""):
+        kw["required"] = True
     if s.positional:
         if s.nargs:
             kw["nargs"] = s.nargs
             kw["default"] = default
         return target.add_argument(name, **kw)
-    return target.add_argument(flag, dest=name, default=default, **kw)
+    return target.add_argument(flag, *s.aliases, dest=name, default=default, **kw)
+
+
+def _group(parser: argparse.ArgumentParser, title: str, description: str | None):
+    """The parser's --help section ``title``, made on first use (a command's sections share it)."""
+    for g in getattr(parser, "_action_groups", ()):
+        if g.title == title:
+            return g
+    return parser.add_argument_group(title, description)
 
 
 def _convert_env(conv, s: Setting, raw: str, var: str, flag: str):

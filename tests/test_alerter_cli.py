@@ -148,15 +148,42 @@ def test_repeatable_options_from_the_environment_and_flags_replace_them(monkeypa
     monkeypatch.setenv("OSAD_WEBHOOK", "http://a.example/x http://b.example/y")
     p = build_parser()
     a = p.parse_args(["alert"])
-    assert a.threshold == [("mscred", 3.0), ("cs-jumpstarter", 0.5)] and len(a.webhook) == 2
+    assert a.static_thresholds == [("mscred", 3.0), ("cs-jumpstarter", 0.5)] and len(a.webhook) == 2
     a = p.parse_args(["alert", "--threshold", "mscred=9", "--threshold", "x=1"])
-    assert a.threshold == [("mscred", 9.0), ("x", 1.0)] and len(a.webhook) == 2
+    assert a.static_thresholds == [("mscred", 9.0), ("x", 1.0)] and len(a.webhook) == 2
 
 
 def test_docstring_examples_run():
     import doctest
 
-    from osad.alerter import cli, core, store
-    for mod in (core, store, cli):
+    from osad.alerter import cli, config, core, display, host_events, incidents, state, store, thresholds
+    for mod in (core, config, state, thresholds, incidents, host_events, store, display, cli):
         r = doctest.testmod(mod)
         assert r.attempted > 0 and r.failed == 0, mod.__name__
+
+
+def test_every_option_of_the_alerters_commands_is_a_declared_setting():
+    """Each flag and positional of alert, anomalies list/show, tail and report comes from one Config field
+    (Config.add_arguments marks it), with help text; every flag of `osad alert` (a service) has its variable."""
+    import argparse
+    import dataclasses
+
+    from osad.cli import build_parser
+    from osad.runtime.config import env_name
+
+    def subparsers(p):
+        return {name: sp for a in p._actions if isinstance(a, argparse._SubParsersAction)
+                for name, sp in a.choices.items()}
+    top = subparsers(build_parser())
+    commands = {"alert": top["alert"], "tail": top["tail"], "report": top["report"],
+                **{f"anomalies {k}": v for k, v in subparsers(top["anomalies"]).items()}}
+    assert set(commands) == {"alert", "tail", "report", "anomalies list", "anomalies show"}
+    for name, p in commands.items():
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            cls, field = a.osad_setting
+            s = {f.name: f for f in dataclasses.fields(cls)}[field].metadata["osad"]
+            assert a.dest == field and s.help, (name, a.option_strings)
+            if name == "alert":
+                assert s.env_for(field) == env_name(a.option_strings[0]), a.option_strings

@@ -72,7 +72,7 @@ def test_a_spike_while_calibrating_does_not_lift_the_threshold_out_of_reach():
     assert t_fenced < 100 < 1000 < t_unfenced
     assert [a.status for a in feed(fenced, fault)] == ["open"]
     assert feed(unfenced, fault) == []
-    with pytest.raises(ValueError, match="calibration_fence"):
+    with pytest.raises(ValueError, match="--calibration-fence"):
         AlerterConfig(calibration_fence=-1)
 
 
@@ -99,7 +99,7 @@ def test_threshold_override_syntax_errors_say_what_to_write():
                        ("mscred=-1", "greater than 0"), ("mscred=nan", "greater than 0")):
         with pytest.raises(ValueError, match=words):
             parse_threshold_override(bad)
-    with pytest.raises(ValueError, match="open_after"):
+    with pytest.raises(ValueError, match="--open-after"):
         AlerterConfig(open_after=0)
 
 
