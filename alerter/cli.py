@@ -23,7 +23,6 @@ from .config import INCIDENTS, AlerterConfig, parse_threshold_override
 from .display import ratio_text, utc_ts
 from .store import DEFAULT_STORE, STATE_TTL_S, STORE_HELP
 
-_ts = utc_ts  # transitional: osad.alerter.report imports it from here (it belongs in .display)
 WEBHOOKS, SOURCES = "webhooks", "sources"
 
 

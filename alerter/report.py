@@ -4,8 +4,8 @@ Three parts:
 
 * **loading** (:func:`load_kafka`, :func:`load_jsonl`, :func:`load_store`): Samples, Scores and Anomalies of one
   entity into a :class:`Collected`, counting what every other entity has (to list them) and skipping malformed
-  messages (counted, never fatal). Kafka topics are read with an assigned consumer (no group, no commits) from
-  the beginning of every partition; records of other entities are dropped by their key, before decoding.
+  messages (counted, never fatal). Kafka topics are read by a group-less reader (runtime/reader.py, no commits)
+  from the beginning of every partition; records of other entities are dropped by their key, before decoding.
 * **the figure** (:func:`build_figure`, pure: lists of pydantic messages in, a matplotlib Figure out): the
   entity's most relevant metrics (min-max normalised, one above the other), one panel per model with its score
   over time and its threshold (dashed), every anomaly shaded across all panels and labelled with its severity
@@ -30,7 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
+from osad.runtime.reader import TopicReader
 from osad.schemas import ANOMALIES, SAMPLES, SCORES, Anomaly, Sample, Score, Topic, WireError, decode
+
+from .display import utc_ts
+from .store import DEFAULT_STORE
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -149,62 +153,31 @@ def load_kafka(bootstrap: str, out: Collected, topics: Sequence[Topic] = (SAMPLE
                prefix: str | None = None, idle_ms: int = 1500, connect_timeout_s: float = 10.0) -> None:
     """Read ``topics`` from the beginning of every partition to its end into ``out``.
 
-    Assigned partitions, no consumer group, nothing committed. Done when every partition's position has
-    reached the end offset asked for at the start and a poll brought nothing (that end may be short of the
-    last records of a batch on some brokers, so an empty poll is awaited too), or when nothing arrived for
-    ``idle_ms``. Raises :class:`runtime.kafka.BrokerUnavailable` when no broker answers.
+    A group-less reader (runtime/reader.py), nothing committed; topics that do not exist are noted in
+    ``out.sources`` and left out. Done when every partition's position has reached the end offset asked for
+    at the start and a poll brought nothing (that end may be short of the last records of a batch on some
+    brokers, so an empty poll is awaited too), or when nothing arrived for ``idle_ms``. Records of other
+    entities are only counted, by their key, not decoded. Raises :class:`runtime.kafka.BrokerUnavailable`
+    when no broker answers.
     """
-    from osad.runtime.kafka import make_consumer
-
-    consumer = make_consumer(bootstrap, "osad-report", None, max_poll_records=5000,
-                             connect_timeout_s=connect_timeout_s)
+    reader = TopicReader(bootstrap, topics, prefix=prefix or "", skip_missing=True, client_id="osad-report",
+                         max_poll_records=5000, connect_timeout_s=connect_timeout_s)
     try:
-        kinds = _assign(consumer, topics, prefix, out)
-        if kinds:
-            _drain(consumer, kinds, out, idle_ms)
+        reader.assign()
+        for name in reader.topics:
+            out.sources.append(f"topic {name}" + (" (does not exist)" if name in reader.missing else ""))
+        kinds = {name: t.model.model_fields["kind"].default for name, t in reader.topics.items()}
+        key = out.entity.encode() if out.entity is not None else None
+
+        def take(m) -> None:
+            kind = kinds[m.topic]
+            eid = m.key.decode(errors="replace") if m.key is not None else ""
+            if out.wants(eid, kind) and m.key == key:
+                _decode_into(out, m.value, kind)
+
+        reader.read_until_idle(idle_ms, take)
     finally:
-        consumer.close()
-
-
-def _assign(consumer, topics: Sequence[Topic], prefix: str | None, out: Collected) -> dict[str, str]:
-    """Assign every partition of the topics that exist; returns topic name -> message kind."""
-    from kafka import TopicPartition
-
-    existing = consumer.topics()
-    kinds, tps = {}, []
-    for t in topics:
-        name = t.full_name(prefix)
-        if name not in existing:
-            out.sources.append(f"topic {name} (does not exist)")
-            continue
-        kinds[name] = t.model.model_fields["kind"].default
-        tps += [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
-        out.sources.append(f"topic {name}")
-    if tps:
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-    return kinds
-
-
-def _drain(consumer, kinds: dict[str, str], out: Collected, idle_ms: int) -> None:
-    tps = list(consumer.assignment())
-    end = consumer.end_offsets(tps)
-    key = out.entity.encode() if out.entity is not None else None
-    last = time.monotonic()
-    while True:
-        got = 0
-        for tp, records in consumer.poll(timeout_ms=min(200, idle_ms)).items():
-            kind = kinds[tp.topic]
-            for m in records:
-                got += 1
-                eid = m.key.decode(errors="replace") if m.key is not None else ""
-                if out.wants(eid, kind) and m.key == key:
-                    _decode_into(out, m.value, kind)
-        now = time.monotonic()
-        if got:
-            last = now
-        elif now - last >= idle_ms / 1000 or all(consumer.position(tp) >= end[tp] for tp in tps):
-            return
+        reader.close()
 
 
 # -- the store -----------------------------------------------------------------------------------
@@ -475,13 +448,11 @@ def write_report(fig: "Figure", path: str | Path, entity_id: str, anomalies: Seq
 
 def html_page(entity_id: str, png: bytes, anomalies: Sequence[Anomaly]) -> str:
     """A self-contained HTML page: the image (base64) and a table of the anomalies, oldest first."""
-    from .cli import _ts
-
     rows = []
     for a in sorted(anomalies, key=lambda a: a.start_ts):
-        end = f"{_ts(a.end_ts)}" if a.end_ts is not None else f"open (last {_ts(a.last_ts)})"
+        end = f"{utc_ts(a.end_ts)}" if a.end_ts is not None else f"open (last {utc_ts(a.last_ts)})"
         causes = ", ".join(f"{r.feature} ({r.contribution:.0%})" for r in a.root_causes)
-        cells = (a.anomaly_id, f"{a.status} (rev {a.revision})", a.severity, _ts(a.start_ts), end, causes)
+        cells = (a.anomaly_id, f"{a.status} (rev {a.revision})", a.severity, utc_ts(a.start_ts), end, causes)
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     table = ("<table><tr><th>id</th><th>status</th><th>severity</th><th>start (UTC)</th><th>end (UTC)</th>"
              "<th>root causes</th></tr>\n" + "\n".join(rows) + "</table>") if rows else "<p>No anomalies.</p>"
@@ -511,7 +482,6 @@ def _say(msg: str) -> None:
 
 def collect(args) -> tuple[Collected, dict[str, float]]:
     """Read every source the options name; returns what was collected and the stored thresholds."""
-    from .cli import DEFAULT_STORE
 
     out = Collected(args.entity, since=args.since, until=args.until)
     t0 = time.monotonic()

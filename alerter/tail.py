@@ -5,6 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
+from osad.runtime.kafka import BrokerUnavailable
+from osad.runtime.reader import TopicReader
+from osad.schemas import ANOMALIES
 from osad.schemas.messages import SEVERITIES
 
 _STYLE = {"low": "cyan", "medium": "yellow", "high": "bold red", "critical": "bold white on red"}
@@ -73,30 +76,7 @@ class _PlainView(View):
         return "\n".join([title] + [_line(a) for a in shown])
 
 
-def assign(consumer, topics: list[str], from_beginning: bool = False) -> list | None:
-    """Assign every partition of ``topics`` to ``consumer`` (no consumer group) and seek to their
-    beginning or end; None while a topic does not exist yet (its metadata is refreshed for the next try)."""
-    from kafka import TopicPartition
-
-    tps = []
-    for topic in topics:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            consumer.topics()  # refresh metadata
-            return None
-        tps += [TopicPartition(topic, p) for p in sorted(parts)]
-    consumer.assign(tps)
-    if from_beginning:
-        consumer.seek_to_beginning(*tps)
-    else:
-        consumer.seek_to_end(*tps)
-    return tps
-
-
 def tail(args) -> int:
-    from osad.runtime.kafka import BrokerUnavailable, make_consumer
-    from osad.schemas import ANOMALIES, Anomaly, WireError, decode
-
     try:
         from rich.console import Console
     except ImportError:  # rich makes the live table; without it, plain lines
@@ -107,29 +87,26 @@ def tail(args) -> int:
             console = Console(width=max(console.width, 200))
     topic = ANOMALIES.full_name(args.topic_prefix)
     deadline = time.monotonic() + args.timeout if args.timeout else None
+    once = args.once and not args.timeout  # what the topic holds now, then stop
     try:
-        consumer = make_consumer(args.bootstrap, "osad-tail", None,
-                                 auto_offset_reset="earliest" if args.from_beginning else "latest",
-                                 connect_timeout_s=min(30.0, args.timeout or 30.0))
+        reader = TopicReader(args.bootstrap, ANOMALIES, prefix=args.topic_prefix, from_beginning=args.from_beginning,
+                             client_id="osad-tail", connect_timeout_s=min(30.0, args.timeout or 30.0))
     except BrokerUnavailable as e:
         print(f"osad tail: {e}", file=sys.stderr)
         return 1
     view = view_cls(args.entity, args.min_severity, args.rows)
     live = None
     try:
-        tps = assign(consumer, [topic], args.from_beginning)
-        while not tps:
-            if (args.once and not args.timeout) or (deadline and time.monotonic() > deadline):
+        while not reader.assign():
+            if once or (deadline and time.monotonic() > deadline):
                 print(f"osad tail: topic {topic} does not exist yet (no alerter has run on this broker?)",
                       file=sys.stderr)
                 if not args.json:
                     console.print(view.table(f"{topic}: no anomalies"))
                 return 0
             time.sleep(0.5)
-            tps = assign(consumer, [topic], args.from_beginning)
-        # "from now" also by record time: a broker may report an end offset short of a batch's last record
-        since_ms = None if args.from_beginning else int(time.time() * 1000)
-        end = consumer.end_offsets(tps) if args.once and not args.timeout else None
+        if once:
+            reader.mark_end()
         interactive = console.is_terminal and not args.once and not args.json
         if interactive:
             from rich.live import Live
@@ -137,25 +114,16 @@ def tail(args) -> int:
             live = Live(view.table(f"{topic} (Ctrl-C stops)"), console=console, refresh_per_second=4)
             live.start()
         while True:
-            got = 0
-            for _tp, msgs in consumer.poll(timeout_ms=200).items():
-                for m in msgs:
-                    got += 1
-                    if since_ms is not None and m.timestamp is not None and 0 <= m.timestamp < since_ms:
-                        continue
-                    try:
-                        a = decode(m.value, Anomaly)
-                    except WireError:
-                        continue
-                    if not view.add(a):
-                        continue
-                    if args.json:
-                        print(a.model_dump_json(), flush=True)
-                    elif live is not None:
-                        live.update(view.table(f"{topic} (Ctrl-C stops)"))
-                    elif not args.once and not args.timeout:
-                        print(_line(a), flush=True)
-            if end is not None and not got and all(consumer.position(tp) >= end[tp] for tp in tps):
+            for a in reader.poll_messages(200):
+                if not view.add(a):
+                    continue
+                if args.json:
+                    print(a.model_dump_json(), flush=True)
+                elif live is not None:
+                    live.update(view.table(f"{topic} (Ctrl-C stops)"))
+                elif not args.once and not args.timeout:
+                    print(_line(a), flush=True)
+            if once and reader.caught_up():
                 break  # caught up, and a poll found nothing more
             if deadline and time.monotonic() > deadline:
                 break
@@ -164,7 +132,7 @@ def tail(args) -> int:
     finally:
         if live is not None:
             live.stop()
-        consumer.close()
+        reader.close()
     if not args.json and live is None and (args.once or args.timeout):
         console.print(view.table(f"{topic}: {len(view.latest)} incident(s)"))
     return 0

@@ -1,5 +1,5 @@
 """What the benchmarks that run osad services as processes share: start and stop a service, read its
-metrics and health, read a topic without a consumer group.
+metrics and health, read a topic without a consumer group (runtime/reader.py).
 
 The scripts set ``sys.path[0]`` to the repository root, so this module is imported as ``bench._common``.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 from osad.runtime.procs import start_logged, stop_all  # noqa: E402 (the scripts put the root on sys.path first)
+from osad.runtime.reader import assign_partitions  # noqa: E402
 
 
 def osad_process(args: list[str], log: Path, env: dict | None = None, wrap: list[str] | tuple = ()) -> subprocess.Popen:
@@ -67,23 +68,10 @@ def metric(text: str | None, name: str, **labels: str) -> float:
 
 
 def assign_all(consumer, topic: str, at_end: bool = False) -> bool:
-    """Assign every partition of ``topic`` to a group-less consumer, from its beginning (or its current
-    end, resolved now). False while the topic's metadata is not there yet."""
-    from kafka import TopicPartition
-
-    parts = consumer.partitions_for_topic(topic)
-    if not parts:
-        consumer.topics()  # refresh metadata
-        return False
-    tps = [TopicPartition(topic, p) for p in sorted(parts)]
-    consumer.assign(sorted(set(consumer.assignment()) | set(tps)))
-    if at_end:
-        consumer.seek_to_end(*tps)
-        for tp in tps:
-            consumer.position(tp)
-    else:
-        consumer.seek_to_beginning(*tps)
-    return True
+    """Assign every partition of ``topic`` to a group-less consumer besides what it has, from its beginning
+    (or its current end, resolved now). False while the topic's metadata is not there yet. (New code: a
+    :class:`osad.runtime.reader.TopicReader`.)"""
+    return assign_partitions(consumer, [topic], from_beginning=not at_end, keep=True) is not None
 
 
 def wait_for(cond, timeout_s: float, what: str, every_s: float = 0.1):

@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/pipeline.py [--rounds 3] [--json PATH] [--quick] [--phases latency,throughput]
 
-Every round starts the embedded broker and, as ``osad up`` does, the featurizer, the detector
-(compressed sensing, no MSCRED checkpoint) and the alerter (a temporary SQLite store) as their own
-processes, on topics with a prefix of their own. This script plays the collector: synthetic
+Every round starts the embedded broker and, as ``osad up`` does, the pipeline's transforms as
+osad/pipeline.py declares them: the featurizer, the detector (compressed sensing, no MSCRED
+checkpoint) and the alerter (a temporary SQLite store), as their own processes, on topics with a
+prefix of their own (given to each with --topic-prefix). This script plays the collector: synthetic
 processes with 38 metrics (the collector's 22 and 16 uprobe metrics), one Sample per process per
 ``--interval``, published with the collector's producer settings and flushed every interval.
 
@@ -73,11 +74,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)  # not bench/: its file names would shadow the packages
+if __name__ == "__main__":
+    sys.path[0] = str(ROOT)  # not bench/: its file names would shadow the packages
 
 import numpy as np  # noqa: E402
 
-from bench._common import assign_all, health, http_text, metric, osad_process, stop_processes, wait_for  # noqa: E402
+from bench._common import health, http_text, metric, osad_process, stop_processes, wait_for  # noqa: E402
+from osad.pipeline import ALERTER, DETECTOR, FEATURIZER, TRANSFORMS, service_args  # noqa: E402
+from osad.schemas import SAMPLES  # noqa: E402
 
 GAP = 10  # the featurizer's default gap: a window every 10 samples, ending where (seq + 1) % 10 == 0
 SPAN = 100  # samples before an entity's first window: max(scales) + (step - 1) * gap = 60 + 40
@@ -123,6 +127,7 @@ class Feed:
     names: list[str]
     interval_s: float
     seed: int
+    topic: str = ""  # the samples topic it publishes to (its full name)
     synth: Synth = field(init=False)
     ids: list[str] = field(init=False)
 
@@ -160,17 +165,17 @@ def say(*parts) -> None:
 # -- reading the outputs ---------------------------------------------------------------------
 
 class Reader:
-    """One group-less consumer of the pipeline's outputs: Anomalies and Scores from the start of the
-    round, SignatureWindows (headers only) while :meth:`watch_signatures` is on. Keeps record timestamps."""
+    """One group-less reader of the pipeline's outputs (runtime/reader.py): Anomalies and Scores from the start
+    of the round, SignatureWindows (headers only) while :meth:`watch_signatures` is on. Keeps record timestamps."""
 
-    def __init__(self, bootstrap: str):
-        from osad.runtime.kafka import make_consumer
+    def __init__(self, bootstrap: str, prefix: str):
+        from osad.runtime.reader import TopicReader
         from osad.schemas import ANOMALIES, SCORES, SIGNATURES
 
-        self.topics = {ANOMALIES.full_name(): "a", SCORES.full_name(): "s", SIGNATURES.full_name(): "w"}
-        self.c = make_consumer(bootstrap, "bench-reader", None)
-        wait_for(lambda: assign_all(self.c, ANOMALIES.full_name()) and assign_all(self.c, SCORES.full_name()), 30,
-                 "the output topics' metadata")
+        self.topics = {ANOMALIES.full_name(prefix): "a", SCORES.full_name(prefix): "s",
+                       SIGNATURES.full_name(prefix): "w"}
+        self.r = TopicReader(bootstrap, (ANOMALIES, SCORES), prefix=prefix, client_id="bench-reader")
+        wait_for(self.r.assign, 30, "the output topics' metadata")
         self.opens: list[tuple[dict, float, float]] = []  # (open Anomaly, its record time, time this reader got it)
         self.closes: dict[str, dict] = {}  # anomaly id -> its closed state
         self.fitted: dict[tuple[str, int], float] = {}  # (entity, window seq) -> time of its calibrated CS Score
@@ -183,44 +188,42 @@ class Reader:
     def watch_signatures(self, on: bool) -> None:
         from osad.schemas import SIGNATURES
 
-        name = SIGNATURES.full_name()
         if on:
-            wait_for(lambda: assign_all(self.c, name, at_end=True), 30, "the signatures topic's metadata")
+            wait_for(lambda: self.r.add(SIGNATURES), 30, "the signatures topic's metadata")
         else:
-            self.c.assign([tp for tp in self.c.assignment() if tp.topic != name])
+            self.r.remove(SIGNATURES)
 
     def poll(self, timeout_s: float) -> None:
-        got = self.c.poll(timeout_ms=max(0, int(timeout_s * 1000)))
+        got = self.r.poll(max(0, int(timeout_s * 1000)))
         now = time.time()
-        for tp, recs in got.items():
-            kind = self.topics[tp.topic]
-            for m in recs:
-                t = m.timestamp / 1000.0
-                self.ts_types.add(m.timestamp_type)
-                if kind == "s":
-                    d = json.loads(m.value)
-                    self.score_times.append(t)
-                    seq = d["window_end_seq"]
-                    self.scored[d["entity_id"]] = max(seq, self.scored.get(d["entity_id"], -1))
-                    if d["model_id"].startswith("cs-calibrated") and ":fitted:" in d["model_id"]:
-                        self.fitted[(d["entity_id"], seq)] = t
-                elif kind == "a":
-                    d = json.loads(m.value)
-                    if d["status"] == "open":
-                        self.opens.append((d, t, now))
-                    elif d["status"] == "closed":
-                        self.closes[d["anomaly_id"]] = d
-                else:
-                    (hlen,) = struct.unpack_from("<I", m.value, 4)
-                    h = json.loads(m.value[8:8 + hlen])
-                    self.sigs[(h["entity_id"], h["window_end_seq"])] = t
+        for m in got:
+            kind = self.topics[m.topic]
+            t = m.timestamp / 1000.0
+            self.ts_types.add(m.timestamp_type)
+            if kind == "s":
+                d = json.loads(m.value)
+                self.score_times.append(t)
+                seq = d["window_end_seq"]
+                self.scored[d["entity_id"]] = max(seq, self.scored.get(d["entity_id"], -1))
+                if d["model_id"].startswith("cs-calibrated") and ":fitted:" in d["model_id"]:
+                    self.fitted[(d["entity_id"], seq)] = t
+            elif kind == "a":
+                d = json.loads(m.value)
+                if d["status"] == "open":
+                    self.opens.append((d, t, now))
+                elif d["status"] == "closed":
+                    self.closes[d["anomaly_id"]] = d
+            else:
+                (hlen,) = struct.unpack_from("<I", m.value, 4)
+                h = json.loads(m.value[8:8 + hlen])
+                self.sigs[(h["entity_id"], h["window_end_seq"])] = t
 
     def poll_until(self, t_wall: float) -> None:
         while (rem := t_wall - time.time()) > 0:
             self.poll(min(rem, 0.2))
 
     def close(self) -> None:
-        self.c.close()
+        self.r.close()
 
 
 # -- one round: broker + services ------------------------------------------------------------
@@ -245,21 +248,11 @@ class Round:
         try:
             self.broker = EmbeddedBroker(log_file=str(tmp / "broker.log")).start()
             self.prefix = f"bench{os.getpid()}r{self.idx}."
-            os.environ["OSAD_TOPIC_PREFIX"] = self.prefix
-            ensure_topics(self.broker.bootstrap)
-            common = ["--bootstrap", self.broker.bootstrap, "--topic-prefix", self.prefix]
-            plan = (
-                ("featurizer", ["featurizer", "--state-dir", str(tmp / "featurizer"),
-                                "--calibration-samples", str(a.feat_calibration), *a.featurizer_arg]),
-                ("detector", ["detect", "--models", str(tmp / "models"), "--cs-calibrate", str(a.cs_calibrate),
-                              *a.detect_arg]),
-                ("alerter", ["alert", "--store", f"sqlite:///{tmp / 'alerter.db'}",
-                             "--calibration-scores", str(a.alert_calibration), *a.alert_arg]),
-            )
-            for name, args in plan:
-                port = free_port()
-                p = osad_process([*args, *common, "--metrics-port", str(port)], tmp / f"{name}.log")
-                self.procs[name] = (p, port)
+            ensure_topics(self.broker.bootstrap, prefix=self.prefix)
+            ports = {s.name: free_port() for s in TRANSFORMS}
+            for name, args in service_commands(a, tmp, self.broker.bootstrap, self.prefix, ports).items():
+                p = osad_process(args, tmp / f"{name}.log", env=service_env(a))
+                self.procs[name] = (p, ports[name])
             t0 = time.monotonic()
             wait_for(self._ready, 300, "the services to start and join their groups")
             say(f"round {self.idx + 1}: broker and services up in {time.monotonic() - t0:.1f} s (logs in {tmp})")
@@ -311,18 +304,33 @@ class Round:
             self.broker.stop()
 
 
+def service_commands(a, tmp: Path, bootstrap: str, prefix: str, ports: dict[str, int]) -> dict[str, list[str]]:
+    """The ``osad`` arguments of each of the pipeline's transforms (osad.pipeline, their state in ``tmp``), with
+    this benchmark's calibrations and the extra arguments given (--featurizer-arg, ...)."""
+    calibration = {FEATURIZER.name: ["--calibration-samples", str(a.feat_calibration)],
+                   DETECTOR.name: ["--cs-calibrate", str(a.cs_calibrate)],
+                   ALERTER.name: ["--calibration-scores", str(a.alert_calibration)]}
+    extra = {FEATURIZER.name: a.featurizer_arg, DETECTOR.name: a.detect_arg, ALERTER.name: a.alert_arg}
+    return {s.name: service_args(s, state=str(tmp), bootstrap=bootstrap, prefix=prefix, metrics_port=ports[s.name],
+                                 overrides=calibration.get(s.name, ()), extra=extra.get(s.name, ()))
+            for s in TRANSFORMS}
+
+
+def service_env(a) -> dict:
+    """The services' environment: this one's, with the --env KEY=VALUE pairs."""
+    return dict(os.environ, **dict(kv.partition("=")[::2] for kv in a.env))
+
+
 def producer(bootstrap: str):
     from osad.runtime.kafka import make_producer
 
     return make_producer(bootstrap, "bench-collector")  # the collector's settings (linger 5 ms, acks all)
 
 
-def send(prod, feed: Feed, ks, seqs, ts, factor=None, topic=None) -> list[float]:
-    """Publish Samples (to the samples topic unless ``topic``); returns the wall-clock time of each one's
-    publication (just before its send)."""
-    from osad.schemas import SAMPLES
-
-    topic = (topic or SAMPLES).full_name()
+def send(prod, feed: Feed, ks, seqs, ts, factor=None, topic: str | None = None) -> list[float]:
+    """Publish Samples (to ``feed``'s topic unless ``topic``, a full name); returns the wall-clock time of each
+    one's publication (just before its send)."""
+    topic = topic or feed.topic
     out = []
     for k, v in zip(ks, feed.payloads(ks, seqs, ts, factor)):
         out.append(time.time())
@@ -386,7 +394,7 @@ class Fault:
 def latency_phase(rnd: Round, reader: Reader, prod, names: list[str]) -> dict:
     a = rnd.a
     n, iv = a.entities, a.interval
-    feed = Feed("bench/lat", n, names, iv, seed=rnd.idx)
+    feed = Feed("bench/lat", n, names, iv, seed=rnd.idx, topic=SAMPLES.full_name(rnd.prefix))
     # history: the span, the detector's calibration windows, the alerter's, and two more windows;
     # process k is k % GAP samples ahead, so the processes' windows do not all complete on the same tick
     hist = SPAN + GAP * (a.cs_calibrate + a.alert_calibration + 2)
@@ -509,12 +517,13 @@ def match_faults(faults: list[Fault], reader: Reader, feed: Feed, seq0: list[int
 def relay_baseline(rnd: Round, feed: Feed, ticks: int) -> list[float]:
     """Samples through three identity transforms run by the services' runner (4 topics, 3 hops of
     consume -> produce), the same pattern as live Samples; latencies publication -> last record."""
-    from osad.runtime.kafka import ensure_topics, make_consumer
+    from osad.runtime.kafka import ensure_topics
+    from osad.runtime.reader import TopicReader
     from osad.runtime.service import Output, RunnerConfig, ServiceRunner, Transform
     from osad.schemas import Sample, Topic
 
     topics = [Topic(f"bench.relay{i}", Sample, 12, "relay baseline") for i in range(4)]
-    ensure_topics(rnd.broker.bootstrap, tuple(topics))
+    ensure_topics(rnd.broker.bootstrap, tuple(topics), prefix=rnd.prefix)
 
     class Relay(Transform):
         def __init__(self, i: int):
@@ -524,15 +533,16 @@ def relay_baseline(rnd: Round, feed: Feed, ticks: int) -> list[float]:
             return [Output(self.out, msg)]
 
     runners = [ServiceRunner(Relay(i), RunnerConfig(rnd.broker.bootstrap, f"{rnd.prefix}bench-relay{i}",
-                                                    create_topics=False), install_signals=False)
+                                                    topic_prefix=rnd.prefix, create_topics=False),
+                             install_signals=False)
                for i in range(3)]
     threads = [threading.Thread(target=r.run, daemon=True) for r in runners]
-    sink = make_consumer(rnd.broker.bootstrap, "bench-relay-sink", None)
+    sink = TopicReader(rnd.broker.bootstrap, topics[3], prefix=rnd.prefix, client_id="bench-relay-sink")
     prod = producer(rnd.broker.bootstrap)
     try:
         for t in threads:
             t.start()
-        wait_for(lambda: assign_all(sink, topics[3].full_name()), 30, "the relay topics' metadata")
+        wait_for(sink.assign, 30, "the relay topics' metadata")
         wait_for(lambda: all(r.health()[1]["assigned_partitions"] for r in runners), 120, "the relays to join")
         t_pub, lat = {}, {}
         seq0 = 1_000_000
@@ -542,7 +552,8 @@ def relay_baseline(rnd: Round, feed: Feed, ticks: int) -> list[float]:
             while time.time() < due:
                 _collect(sink, t_pub, lat, min(0.2, max(0.0, due - time.time())))
             ks = list(range(feed.n))
-            for k, t in zip(ks, send(prod, feed, ks, [seq0 + j] * feed.n, [due] * feed.n, topic=topics[0])):
+            for k, t in zip(ks, send(prod, feed, ks, [seq0 + j] * feed.n, [due] * feed.n,
+                                     topic=topics[0].full_name(rnd.prefix))):
                 t_pub[(feed.ids[k], seq0 + j)] = t
             prod.flush()
         deadline = time.monotonic() + 30
@@ -560,12 +571,11 @@ def relay_baseline(rnd: Round, feed: Feed, ticks: int) -> list[float]:
         prod.close()
 
 
-def _collect(consumer, t_pub: dict, lat: dict, timeout_s: float) -> None:
-    for recs in consumer.poll(timeout_ms=int(timeout_s * 1000)).values():
-        for m in recs:
-            d = json.loads(m.value)
-            key = (d["entity_id"], d["seq"])
-            lat[key] = m.timestamp / 1000.0 - t_pub[key]
+def _collect(sink, t_pub: dict, lat: dict, timeout_s: float) -> None:
+    for m in sink.poll(int(timeout_s * 1000)):
+        d = json.loads(m.value)
+        key = (d["entity_id"], d["seq"])
+        lat[key] = m.timestamp / 1000.0 - t_pub[key]
 
 
 # -- throughput ------------------------------------------------------------------------------
@@ -616,7 +626,7 @@ def history_slice(n_samples: list[int], lo: int, hi: int) -> tuple[list[int], li
 
 def throughput_phase(rnd: Round, reader: Reader, prod, names: list[str]) -> dict:
     a = rnd.a
-    feed = Feed("bench/tp", a.tp_entities, names, 1.0, seed=1000 + rnd.idx)
+    feed = Feed("bench/tp", a.tp_entities, names, 1.0, seed=1000 + rnd.idx, topic=SAMPLES.full_name(rnd.prefix))
     rr = RoundRobin(feed)
     n_hist = rr.history(a.cs_calibrate)  # the alerter calibrates during the first steps
     warm_up(rnd, reader, prod, feed, n_hist, 0, time.time(), "throughput history")
@@ -723,7 +733,9 @@ def core_baseline(a, names: list[str], tmp: Path, seed: int) -> dict:
     *batched*, 500 Samples per call (a backlog's polls: several windows of a process per model call)."""
     from osad.alerter.core import AlerterConfig, Engine
     from osad.detector.cs import CSScorer
-    from osad.detector.service import Detector
+    from osad.detector.engine import Engine as DetectorEngine
+    from osad.detector.engine import EngineConfig
+    from osad.detector.service import BatchConfig, Detector
     from osad.featurizer.ranges import RangesStore
     from osad.featurizer.service import Featurizer
     from osad.featurizer.windows import WindowConfig
@@ -732,7 +744,8 @@ def core_baseline(a, names: list[str], tmp: Path, seed: int) -> dict:
 
     feed = Feed("bench/core", a.core_entities, names, 1.0, seed=seed)
     fe = Featurizer(WindowConfig(calibration_samples=a.feat_calibration), RangesStore(None, str(tmp / "core")))
-    det = Detector(CSScorer(gap=10), max_batch=64, max_wait_ms=200.0, cs_calibrate=a.cs_calibrate)
+    det = Detector(DetectorEngine(CSScorer(gap=10), EngineConfig(cs_calibrate=a.cs_calibrate)),
+                   BatchConfig(max_batch=64, max_wait_ms=200.0))
     eng = Engine(AlerterConfig(calibration_scores=a.alert_calibration))
     offset = 0
 
@@ -779,7 +792,7 @@ def run_round(a, idx: int, names: list[str]) -> dict:
     try:
         with Round(a, idx, tmp) as rnd:
             out["loads"] = rnd.loads
-            reader = Reader(rnd.broker.bootstrap)
+            reader = Reader(rnd.broker.bootstrap, rnd.prefix)
             prod = producer(rnd.broker.bootstrap)
             try:
                 if "latency" in a.phases:
@@ -921,7 +934,7 @@ def main() -> int:
     g.add_argument("--detect-arg", action="append", default=[], help="extra argument (repeatable)")
     g.add_argument("--alert-arg", action="append", default=[], help="extra argument (repeatable)")
     g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment for the services and this process (e.g. OMP_NUM_THREADS=1; repeatable)")
+                   help="environment for the services (e.g. OMP_NUM_THREADS=1; repeatable)")
     a = ap.parse_args()
     if a.quick:
         a.rounds = min(a.rounds, 1)
@@ -930,10 +943,6 @@ def main() -> int:
         a.tp_entities, a.step_s, a.rate0, a.rate_factor, a.max_steps = 10, 8.0, 100.0, 2.0, 2
         a.core_entities, a.core_samples = 4, 100
     a.phases = {p.strip() for p in a.phases.split(",") if p.strip()}
-
-    for kv in a.env:
-        k, _, v = kv.partition("=")
-        os.environ[k] = v
 
     def _term(*_):
         raise KeyboardInterrupt

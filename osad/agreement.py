@@ -38,28 +38,39 @@ from pathlib import Path
 
 import numpy as np
 
+from osad.pipeline import ALERTER, DETECTOR, FEATURIZER, TRANSFORMS, command_line, connection, osad
+from osad.runtime.config import Config, positive, setting
 from osad.runtime.procs import start_logged, stop_all
 
 
-def register(sub) -> None:
-    from osad.runtime.config import option, positive
+@dataclass(frozen=True)
+class AgreementConfig(Config):
+    """``osad agreement``: which entity, where, and how close the two F1 values must be."""
 
+    dir: str = setting(positional=True, help="benchmark data set folder (train/, test/, test_label/), e.g. "
+                       "../shared/datasets/SMD")
+    entity: str = setting(required=True, help="entity (machine/service) name, e.g. machine-1-6")
+    limit_train: int | None = setting(None, check=positive,
+                                      help="use only the last N train rows (as osad evaluate --limit-train)")
+    limit_test: int | None = setting(None, check=positive,
+                                     help="use only the first N test rows (as osad evaluate --limit-test)")
+    bootstrap: str = setting("", help="use this Kafka instead of starting the embedded broker")
+    work_dir: str | None = setting(None, help="keep the services' logs and state here (default: a temporary folder)")
+    tolerance: float = setting(0.02, check=positive, help="largest accepted difference of the two deployed F1 values")
+    timeout_s: float = setting(1800.0, check=positive,
+                               help="give up when the pipeline has not scored every window by then")
+    json: str | None = setting(None, help="also write the result to this JSON file")
+
+
+def register(sub) -> None:
     p = sub.add_parser("agreement", help="check that the live pipeline and `osad evaluate` agree on one entity",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", help="benchmark data set folder (train/, test/, test_label/), e.g. ../shared/datasets/SMD")
-    option(p, "--entity", required=True, help="entity (machine/service) name, e.g. machine-1-6")
-    option(p, "--limit-train", type=int, default=None, check=positive,
-           help="use only the last N train rows (as osad evaluate --limit-train)")
-    option(p, "--limit-test", type=int, default=None, check=positive,
-           help="use only the first N test rows (as osad evaluate --limit-test)")
-    option(p, "--bootstrap", default="", help="use this Kafka instead of starting the embedded broker")
-    option(p, "--work-dir", default=None, help="keep the services' logs and state here (default: a temporary folder)")
-    option(p, "--tolerance", type=float, default=0.02, check=positive,
-           help="largest accepted difference of the two deployed F1 values")
-    option(p, "--timeout-s", type=float, default=1800.0, check=positive,
-           help="give up when the pipeline has not scored every window by then")
-    option(p, "--json", default=None, help="also write the result to this JSON file")
-    p.set_defaults(func=run)
+    AgreementConfig.add_arguments(p)
+    p.set_defaults(func=_run_args)
+
+
+def _run_args(args: argparse.Namespace) -> int:
+    return run(AgreementConfig.from_args(args))
 
 
 # ------------------------------------------------------------------------------- the plan (pure)
@@ -130,8 +141,25 @@ def incident_points(anomalies, seq_of, first_seq: int, n: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- running it
 
-def _osad(*args: str) -> list[str]:
-    return [sys.executable, "-m", "osad", *args]
+def service_commands(plan: Plan, work: Path, bootstrap: str, prefix: str, *, q: float, fence: float) -> dict:
+    """The pipeline's transforms (osad.pipeline, their state in ``work``), each set to its part of ``osad
+    evaluate``'s protocol: the featurizer scales with the replay's train ranges, the detector fits compressed
+    sensing on the train head's windows, the alerter its POT threshold (``q``, ``fence``) on the tail's, and
+    an incident spans the windows over the threshold. Returns service name -> command line."""
+    protocol = {
+        FEATURIZER.name: ["--ranges", str(work / "ranges.json")],
+        DETECTOR.name: ["--cs-calibrate", str(plan.fit_windows)],
+        ALERTER.name: ["--calibration-scores", str(plan.val_windows), "--q", str(q), "--calibration-fence", str(fence),
+                       "--open-after", "1", "--close-after", "1"],
+    }
+    return {s.name: command_line(s, state=str(work), bootstrap=bootstrap, prefix=prefix,
+                                 overrides=protocol.get(s.name, ())) for s in TRANSFORMS}
+
+
+def replay_args(cfg: AgreementConfig, plan: Plan, bootstrap: str, prefix: str) -> list[str]:
+    """``osad replay``'s arguments: the used train rows, then the test rows, of the entity."""
+    return ["replay", cfg.dir, *connection(bootstrap, prefix), "--entity", cfg.entity, "--split", "both",
+            "--skip", str(plan.skip), "--limit", str(plan.n_train + plan.n_test)]
 
 
 def _say(msg: str) -> None:
@@ -159,38 +187,38 @@ class _Services:
         stop_all(self.procs.values(), timeout_s)
 
 
-def run(args) -> int:
+def run(cfg: AgreementConfig) -> int:
     from osad.core import metrics as M
     from osad.core.datasets import load_entity
     from osad.core.signature import span
     from osad.detector.evaluate import EvalConfig, evaluate_entity
 
-    cfg0 = EvalConfig()
-    ent = load_entity(args.dir, args.entity)
+    ev0 = EvalConfig()
+    ent = load_entity(cfg.dir, cfg.entity)
     if ent.test is None or ent.test_label is None:
         print(f"osad agreement: {ent.entity_id} has no test/ and test_label/ files", file=sys.stderr)
         return 2
-    need = span(cfg0.scales, cfg0.gap, cfg0.step)
-    plan = make_plan(ent.train.shape[0], ent.test.shape[0], args.limit_train, args.limit_test,
-                     gap=cfg0.gap, need=need, val_fraction=cfg0.val_fraction)
+    need = span(ev0.scales, ev0.gap, ev0.step)
+    plan = make_plan(ent.train.shape[0], ent.test.shape[0], cfg.limit_train, cfg.limit_test,
+                     gap=ev0.gap, need=need, val_fraction=ev0.val_fraction)
     _say(f"osad agreement: {ent.entity_id}: train rows {plan.skip}..{plan.n_train_total - 1} "
          f"({plan.n_train}: head {plan.n_fit} = {plan.fit_windows} windows, tail {plan.n_train - plan.n_fit} = "
          f"{plan.val_windows} windows), test rows 0..{plan.n_test - 1}")
 
     t0 = time.monotonic()
     _say("offline: osad evaluate's protocol ...")
-    cfg = EvalConfig(limit_train=plan.n_train, limit_test=plan.n_test)
-    off = evaluate_entity(args.dir, args.entity, ["cs"], cfg, keep_scores=True)
+    ev = EvalConfig(limit_train=plan.n_train, limit_test=plan.n_test)
+    off = evaluate_entity(cfg.dir, cfg.entity, ["cs"], ev, keep_scores=True)
     off_cs, off_points = off["models"]["cs"], off["_arrays"]["cs"]
     _say(f"offline: deployed_f1 {off_cs['deployed_f1']:.4f} at threshold {off_cs['threshold']:.6g} "
          f"({time.monotonic() - t0:.0f} s)")
 
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="osad-agreement-"))
+    work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="osad-agreement-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        stream = _stream(args, plan, ent, work)
+        stream = _stream(cfg, plan, ent, work)
     finally:
-        if not args.work_dir:
+        if not cfg.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
     labels = ent.test_label[: plan.n_test]
@@ -214,16 +242,16 @@ def run(args) -> int:
         "score_agreement": {"points_compared": int(both.sum()),
                             "max_rel_diff": float(rel.max()) if rel.size else None,
                             "median_rel_diff": float(np.median(rel)) if rel.size else None},
-        "tolerance": args.tolerance,
+        "tolerance": cfg.tolerance,
     }
-    result["agree"] = bool(result["difference"] <= args.tolerance)
+    result["agree"] = bool(result["difference"] <= cfg.tolerance)
     _print(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(result, indent=2, default=float))
     return 0 if result["agree"] else 1
 
 
-def _stream(args, plan: Plan, ent, work: Path) -> dict:
+def _stream(cfg: AgreementConfig, plan: Plan, ent, work: Path) -> dict:
     """Replay through the real services; returns predictions, point scores and the threshold used."""
     from osad.alerter.report import Collected, load_kafka
     from osad.alerter.store import open_store
@@ -232,38 +260,29 @@ def _stream(args, plan: Plan, ent, work: Path) -> dict:
     from osad.runtime.kafka import ensure_topics
     from osad.schemas import SCORES
 
-    cfg = EvalConfig()  # the offline side's threshold rule, which the alerter must apply too
+    ev = EvalConfig()  # the offline side's threshold rule, which the alerter must apply too
 
-    prefix = f"agree{uuid.uuid4().hex[:8]}."
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OSAD_TOPIC_PREFIX=prefix)
+    prefix = f"agree{uuid.uuid4().hex[:8]}."  # topics of their own, also on a shared --bootstrap
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     broker = None
-    bootstrap = args.bootstrap
+    bootstrap = cfg.bootstrap
     if not bootstrap:
         broker = EmbeddedBroker(port=free_port(), log_file=str(work / "broker.log")).start()
         bootstrap = broker.bootstrap
-    old_prefix = os.environ.get("OSAD_TOPIC_PREFIX")
-    os.environ["OSAD_TOPIC_PREFIX"] = prefix  # for ensure_topics and the readers below
     svc = _Services(work, env)
     t0 = time.monotonic()
     try:
-        ensure_topics(bootstrap)
-        ranges, store_url = work / "ranges.json", f"sqlite:///{work / 'anomalies.db'}"
-        replay = ["replay", args.dir, "--bootstrap", bootstrap, "--entity", args.entity, "--split", "both",
-                  "--skip", str(plan.skip), "--limit", str(plan.n_train + plan.n_test)]
-        subprocess.run(_osad(*replay, "--dry-run", "--write-ranges", str(ranges)), env=env, check=True,
+        ensure_topics(bootstrap, prefix=prefix)
+        replay = replay_args(cfg, plan, bootstrap, prefix)
+        subprocess.run(osad(*replay, "--dry-run", "--write-ranges", str(work / "ranges.json")), env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        svc.start("featurizer", _osad("featurizer", "--bootstrap", bootstrap, "--ranges", str(ranges),
-                                      "--state-dir", str(work / "featurizer")))
-        svc.start("detector", _osad("detect", "--bootstrap", bootstrap, "--models", str(work / "models"),
-                                    "--cs-calibrate", str(plan.fit_windows)))
-        svc.start("alerter", _osad("alert", "--bootstrap", bootstrap, "--store", store_url,
-                                   "--calibration-scores", str(plan.val_windows), "--q", str(cfg.q),
-                                   "--calibration-fence", str(cfg.fence),
-                                   "--open-after", "1", "--close-after", "1"))
-        svc.start("replay", _osad(*replay))
-        _say(f"streaming: replaying {plan.n_train + plan.n_test} rows through featurizer, detector and alerter "
+        for name, cmd in service_commands(plan, work, bootstrap, prefix, q=ev.q, fence=ev.fence).items():
+            svc.start(name, cmd)
+        svc.start("replay", osad(*replay))
+        _say(f"streaming: replaying {plan.n_train + plan.n_test} rows through {', '.join(s.name for s in TRANSFORMS)} "
              f"on {bootstrap} (logs in {work}) ...")
-        store = _wait_scored(svc, store_url, ent.entity_id, plan.last_window_seq, args.timeout_s, open_store)
+        store_url = ALERTER.value("--store", str(work))
+        store = _wait_scored(svc, store_url, ent.entity_id, plan.last_window_seq, cfg.timeout_s, open_store)
         try:
             state = store.load_state(ent.entity_id) or {}
             anomalies = store.list(entity=ent.entity_id, limit=10_000_000)
@@ -271,15 +290,11 @@ def _stream(args, plan: Plan, ent, work: Path) -> dict:
             store.close()
         wall = time.monotonic() - t0
         got = Collected(ent.entity_id)
-        load_kafka(bootstrap, got, (SCORES,), idle_ms=3000)
+        load_kafka(bootstrap, got, (SCORES,), prefix=prefix, idle_ms=3000)
     finally:
         svc.stop()
         if broker:
             broker.stop()
-        if old_prefix is None:
-            os.environ.pop("OSAD_TOPIC_PREFIX", None)
-        else:
-            os.environ["OSAD_TOPIC_PREFIX"] = old_prefix
     fitted = [m for m in (state.get("streams") or {}) if ":fitted:" in m]
     model_id = fitted[0] if fitted else None
     st = (state.get("streams") or {}).get(model_id) or {}

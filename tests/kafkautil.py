@@ -9,40 +9,24 @@ import sys
 import time
 from pathlib import Path
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
+from osad.runtime.reader import TopicReader as Reader
 from osad.schemas import Topic, decode
 
 
 class TopicReader:
-    """Reads every partition of a topic from the beginning, without a consumer group."""
+    """Every record of one topic from the beginning, without a consumer group (runtime/reader.py), kept in
+    ``records``; ``messages()`` decodes them all (``model``: another type than the topic's)."""
 
     def __init__(self, bootstrap: str, topic: Topic | str, model=None, prefix: str = ""):
-        self.name = topic if isinstance(topic, str) else topic.full_name(prefix)
+        self.reader = Reader(bootstrap, topic, prefix=prefix, client_id="osad-test-reader")
+        self.name = next(iter(self.reader.topics))
         self.model = model if model is not None else (None if isinstance(topic, str) else topic.model)
-        self.c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
-                               fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
         self.records: list = []
-        self._assigned = False
-
-    def _assign(self) -> bool:
-        parts = self.c.partitions_for_topic(self.name)
-        if not parts:
-            self.c.topics()  # refresh metadata
-            return False
-        self.c.assign([TopicPartition(self.name, p) for p in sorted(parts)])
-        self.c.seek_to_beginning()
-        self._assigned = True
-        return True
 
     def poll(self, timeout_ms: int = 200) -> list:
-        if not self._assigned and not self._assign():
-            time.sleep(timeout_ms / 1000)
-            return []
-        new = []
-        for tp, msgs in self.c.poll(timeout_ms=timeout_ms).items():
-            for m in msgs:
-                new.append(m)
+        new = self.reader.poll(timeout_ms)
         self.records += new
         return new
 
@@ -58,7 +42,7 @@ class TopicReader:
         return self.records
 
     def close(self):
-        self.c.close()
+        self.reader.close()
 
 
 def produce_raw(bootstrap: str, topic: str, key: bytes | None, value: bytes) -> None:

@@ -63,7 +63,7 @@ def test_topic_creation_gives_partitions_for_scaling(compose):
 
 
 def test_each_service_has_a_dockerfile_whose_command_exists(compose):
-    from osad.up import available_commands
+    from osad.cli import available_commands
 
     have = available_commands()
     for name, svc in compose["services"].items():

@@ -20,11 +20,12 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 def test_up_runs_the_pipeline_and_ctrl_c_stops_everything(tmp_path, datasets_dir, monkeypatch):
     monkeypatch.delenv("OSAD_TOPIC_PREFIX", raising=False)
     bport, mport = free_port(), free_port()
-    from osad.up import PIPELINE, available_commands
+    from osad.cli import available_commands
+    from osad.pipeline import PIPELINE, metrics_ports
 
     have = available_commands()
-    expected = [n for n, cmd, _ in PIPELINE if cmd in have]
-    assert "featurizer" in expected
+    expected = [s for s in PIPELINE if s.command in have]
+    assert "featurizer" in [s.name for s in expected]
     log = open(tmp_path / "up.log", "wb")
     p = subprocess.Popen(
         [sys.executable, "-m", "osad", "up", "--broker-port", str(bport), "--metrics-base-port", str(mport),
@@ -33,7 +34,7 @@ def test_up_runs_the_pipeline_and_ctrl_c_stops_everything(tmp_path, datasets_dir
          "--state-dir", str(tmp_path / "state")],
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
-        ports = {n: mport + i for i, n in enumerate(expected)}
+        ports = metrics_ports(expected, mport)
         for name, port in ports.items():
             wait_until(lambda: (health(port) or {}).get("status") == "ok", 120, what=f"{name} healthy")
         # the replayed entity flows through the featurizer: 300 rows -> its windows
