@@ -149,7 +149,8 @@ def main() -> int:
     a = ap.parse_args()
 
     from osad.collector.bpf import unavailable_reason
-    from osad.collector.main import Collector, CollectorConfig
+    from osad.collector.config import CollectorConfig
+    from osad.collector.loop import Collector
     from osad.collector.sinks import JsonlSink
     from osad.collector.targets import TargetSpec
 
@@ -172,7 +173,7 @@ def main() -> int:
             base_wall.append(w)
             base_cpu.append(c)
         else:
-            col = Collector(CollectorConfig(targets=TargetSpec(all=True), max_processes=100, require_ebpf=True),
+            col = Collector(CollectorConfig(max_processes=100, require_ebpf=True), TargetSpec(all=True),
                             sink=JsonlSink(str(tmp / f"samples{i}.jsonl"))).start()
             try:
                 time.sleep(a.settle)

@@ -1,16 +1,127 @@
-"""Subcommands of the collector package: ``osad replay`` (benchmark data) and ``osad collect`` (eBPF)."""
+"""Subcommands of the collector package: ``osad replay`` (benchmark data, ``replay.py``) and
+``osad collect`` (eBPF, or /proc where eBPF cannot run).
+
+``osad collect`` here is the shell around the sampling loop: its options come from
+:class:`~osad.collector.config.CollectorConfig`; it checks the targets and the output, starts the
+loop (``loop.py``), serves /metrics and /healthz, and stops a --command it started. The loop, the
+backends and the sinks are imported only when collection starts, so ``osad --help`` stays fast.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import signal
+import subprocess
+
+from osad.runtime.config import setup_logging
+
+from .config import CollectorConfig
+from .replay import register_replay
+from .targets import TargetError
+
+log = logging.getLogger("osad.collector")
+
 
 def register(sub) -> None:
-    from .replay import register_replay
-
     register_replay(sub)
+    register_collect(sub)
+
+
+def register_collect(sub) -> None:
+    p = sub.add_parser(
+        "collect", help="watch processes with eBPF and publish per-process Samples",
+        description="Watch processes with eBPF (tracepoints and uprobes, aggregated in kernel maps, drained "
+        "every interval) and publish one Sample per process per interval to the samples topic, or record "
+        "them to a file. Without eBPF (not root, no bcc, no kernel headers) it samples /proc instead.",
+        epilog="Metrics are documented in docs/metrics.md. Examples: osad collect --command 'make -j2' "
+        "--follow-children --output jsonl:build.jsonl; osad collect --all --max-processes 50.")
+    CollectorConfig.add_arguments(p, exclude=("group",))  # no consumer group: the collector reads no topic
+    p.set_defaults(func=run_collect)
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    from .ebpf_backend import EbpfUnavailable
+    from .loop import Collector
+    from .sinks import SinkError, open_sink, parse_output
+
+    cfg = CollectorConfig.from_args(args)
+    setup_logging(cfg.service.log_level)
     try:
-        from .main import register_collect  # the eBPF collector (collector/main.py)
-    except ModuleNotFoundError as e:
-        if e.name != "osad.collector.main":
-            raise
-    else:
-        register_collect(sub)
+        spec = cfg.targets.spec()
+        parse_output(cfg.output)
+    except (TargetError, SinkError) as e:
+        log.error("%s", e)
+        return 2
+    if spec.follow_children and not spec.kernel_filter:
+        log.warning("--follow-children applies to --pid/--command only; ignored")
+    c = Collector(cfg, spec)
+    try:
+        c.start()
+    except EbpfUnavailable as e:
+        log.error("eBPF unavailable: %s (--require-ebpf given, so not falling back to /proc)", e)
+        return 1
+    except TargetError as e:
+        log.error("%s", e)
+        c.close()
+        return 2
+    status = None
+    try:
+        c.sink = open_sink(cfg.output, bootstrap=cfg.kafka.bootstrap, prefix=cfg.kafka.topic_prefix,
+                           metric_names=c.metric_names)
+        if cfg.service.metrics_port:
+            status = _serve_status(c, cfg.service.metrics_port)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, c.stop)
+        c.prime()  # opening the output (a broker connection) took time: the first interval starts now
+        if spec.command:
+            c.spawn(spec.command)
+        log.info("collecting %s with %s every %g s -> %s", spec.describe(), c.backend.describe(), cfg.interval_s,
+                 cfg.output)
+        c.run(cfg.duration_s)
+    except Exception as e:
+        log.error("collector failed: %s", e)
+        return 1
+    finally:
+        _stop_children(c)
+        log.info("%s", c.summary())
+        if status is not None:
+            status.stop()
+        try:
+            c.close()
+        except Exception as e:  # a broker gone at shutdown must not hide the summary
+            log.error("closing the output failed: %s", e)
+    return 0
+
+
+def _stop_children(c) -> None:
+    """A --command still running when collection stops is stopped too."""
+    for ch in c.children:
+        if ch.poll() is None:
+            ch.terminate()
+            try:
+                ch.wait(5)
+            except subprocess.TimeoutExpired:
+                ch.kill()
+
+
+def _serve_status(c, port: int):
+    """/metrics (Samples published, kernel events per interval) and /healthz on ``port``."""
+    from osad.runtime.http import StatusServer
+    from osad.runtime.metrics import ServiceMetrics
+
+    m = ServiceMetrics("collector")
+    samples = m.counter("osad_collector_samples", "Samples published")
+    events = m.gauge("osad_collector_kernel_events_per_interval", "Kernel events handled in the last interval")
+
+    def on_interval(out):
+        samples.inc(len(out))
+        events.set(c.last_events)
+
+    c.on_interval = on_interval
+
+    def health():
+        return True, {"service": "collector", "status": "ok", "backend": c.backend.name, "intervals": c.intervals,
+                      "samples": c.samples_out, "fallback_reason": c.fallback_reason}
+
+    return StatusServer(port, m, health).start()

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NS_PER_TICK = 1_000_000_000 // CLK_TCK
@@ -156,6 +158,41 @@ def list_tids(pid: int) -> list[int]:
         return [int(d) for d in os.listdir(f"/proc/{pid}/task") if d.isdigit()]
     except OSError:
         return []
+
+
+def children() -> dict[int, list[int]]:
+    """Every living process's children, by parent pid (from /proc parent links)."""
+    out: dict[int, list[int]] = {}
+    for p in list_pids():
+        st = read_stat(p)
+        if st is not None:
+            out.setdefault(st.ppid, []).append(p)
+    return out
+
+
+def descendants(pids) -> list[int]:
+    """Every living descendant of ``pids`` (children first, then theirs)."""
+    kids = children()
+    out, todo = [], list(pids)
+    while todo:
+        for c in kids.get(todo.pop(), ()):
+            if c not in out:
+                out.append(c)
+                todo.append(c)
+    return out
+
+
+def host_name() -> str:
+    """The machine's name. In a container that shares the host's pid namespace (docker-compose.yml),
+    /proc/1 is the host's init, so its root's /etc/hostname names the host rather than the container."""
+    try:
+        if os.stat("/proc/1/ns/uts").st_ino != os.stat("/proc/self/ns/uts").st_ino:
+            name = Path("/proc/1/root/etc/hostname").read_text().strip()
+            if name:
+                return name
+    except OSError:
+        pass
+    return socket.gethostname()
 
 
 class ProcReader:

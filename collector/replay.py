@@ -17,12 +17,34 @@ import numpy as np
 
 from osad.core.datasets import DatasetError, Entity, dataset_name, list_entities, load_entity
 from osad.core.signature import Ranges, write_ranges_file
+from osad.runtime.config import (Config, ConfigError, KafkaConfig, ServiceConfig, non_negative, positive, section,
+                                 setting, setup_logging)
 from osad.schemas import SAMPLES, Sample
 
 log = logging.getLogger("osad.replay")
 
 #: --start-ts default: the timestamp base of replayed rows (row seq has ts = this + (seq + 1) * interval)
 DEFAULT_START_TS = 1_700_000_000.0
+
+
+@dataclass(frozen=True)
+class ReplayConfig(Config):
+    """What ``osad replay`` is told: the data set, which rows, how fast, and where to publish."""
+
+    dir: str = setting(positional=True,
+                       help="data set folder holding train/ (and test/), e.g. ../shared/datasets/SMD")
+    kafka: KafkaConfig = section(KafkaConfig)
+    service: ServiceConfig = section(ServiceConfig)  # its --log-level (and --metrics-port); no --group
+    entity: list[str] = setting([], repeat=",", help="entity to replay (default: all)")
+    split: str = setting("both", choices=("train", "test", "both"), help="which rows to publish")
+    limit: int | None = setting(None, check=positive, help="at most this many rows per entity")
+    skip: int = setting(0, check=non_negative, help="skip this many rows of the split first")
+    rate: float = setting(0.0, check=non_negative, help="rows per second per entity (0: as fast as possible)")
+    start_ts: float = setting(DEFAULT_START_TS, help="timestamp of row 0 (Unix seconds)")
+    write_ranges: str | None = setting(None, help="also write min-max ranges of the train rows it publishes (all "
+                                       "train rows with --split test) to this JSON file (for `osad featurizer "
+                                       "--ranges`)")
+    dry_run: bool = setting(False, help="only load (and --write-ranges); publish nothing")
 
 
 @dataclass
@@ -92,35 +114,40 @@ def train_ranges(plan: ReplayPlan) -> dict[str, Ranges]:
 
 
 def run(args) -> int:
-    from osad.runtime.config import ConfigError, apply_common
-    from osad.runtime.kafka import Publisher, ensure_topics
+    return replay(ReplayConfig.from_args(args))
 
-    apply_common(args)
+
+def replay(cfg: ReplayConfig) -> int:
+    """Load the rows ``cfg`` names, write their ranges if asked, and publish them as Samples."""
+    setup_logging(cfg.service.log_level)
     try:
-        plan = load_plan(args.dir, args.entity, args.split, args.limit, args.skip)
+        plan = load_plan(cfg.dir, cfg.entity, cfg.split, cfg.limit, cfg.skip)
     except DatasetError as e:
         raise ConfigError(str(e)) from None
-    if args.write_ranges:
-        write_ranges_file(args.write_ranges, train_ranges(plan))
-        print(f"wrote train-split scaling ranges of {len(plan.entities)} entities to {args.write_ranges}",
+    if cfg.write_ranges:
+        write_ranges_file(cfg.write_ranges, train_ranges(plan))
+        print(f"wrote train-split scaling ranges of {len(plan.entities)} entities to {cfg.write_ranges}",
               file=sys.stderr)
-    if args.dry_run:
+    if cfg.dry_run:
         return 0
-    ensure_topics(args.bootstrap, prefix=args.topic_prefix)
-    pub = Publisher(args.bootstrap, "osad-replay", prefix=args.topic_prefix)
+    from osad.runtime.kafka import Publisher, ensure_topics  # kafka stays out of `osad --help`
+
+    bootstrap, prefix = cfg.kafka.bootstrap, cfg.kafka.topic_prefix
+    ensure_topics(bootstrap, prefix=prefix)
+    pub = Publisher(bootstrap, "osad-replay", prefix=prefix)
     total = sum(plan.rows(e)[0].shape[0] for e in plan.entities)
-    print(f"replaying {total} rows of {len(plan.entities)} entities of {dataset_name(args.dir)} "
-          f"({args.split}) to {SAMPLES.full_name(args.topic_prefix)} on {args.bootstrap}"
-          + (f" at {args.rate} rows/s per entity" if args.rate else " as fast as possible"), file=sys.stderr)
+    print(f"replaying {total} rows of {len(plan.entities)} entities of {dataset_name(cfg.dir)} "
+          f"({cfg.split}) to {SAMPLES.full_name(prefix)} on {bootstrap}"
+          + (f" at {cfg.rate} rows/s per entity" if cfg.rate else " as fast as possible"), file=sys.stderr)
     t0 = time.monotonic()
     last_report = t0
     n = 0
     per_row = len(plan.entities)
-    for s in samples(plan, args.start_ts):
+    for s in samples(plan, cfg.start_ts):
         pub.publish(SAMPLES, s)
         n += 1
-        if args.rate and n % per_row == 0:
-            due = t0 + (n / per_row) / args.rate
+        if cfg.rate and n % per_row == 0:
+            due = t0 + (n / per_row) / cfg.rate
             delay = due - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -136,19 +163,7 @@ def run(args) -> int:
 
 
 def register_replay(sub) -> None:
-    from osad.runtime.config import add_kafka_options, non_negative, option
-
     p = sub.add_parser("replay", help="publish a benchmark data set (SMD/ASD/JumpStarter layout) as Samples",
                        description=__doc__)
-    p.add_argument("dir", help="data set folder holding train/ (and test/), e.g. ../shared/datasets/SMD")
-    add_kafka_options(p)
-    option(p, "--entity", action="append", default=None, help="entity to replay (repeatable; default: all)")
-    option(p, "--split", default="both", choices=["train", "test", "both"], help="which rows to publish")
-    option(p, "--limit", type=int, default=None, check=lambda v: None if v > 0 else "must be > 0",
-           help="at most this many rows per entity")
-    option(p, "--skip", type=int, default=0, check=non_negative, help="skip this many rows of the split first")
-    option(p, "--rate", type=float, default=0.0, check=non_negative, help="rows per second per entity (0: as fast as possible)")
-    option(p, "--start-ts", type=float, default=DEFAULT_START_TS, help="timestamp of row 0 (Unix seconds)")
-    option(p, "--write-ranges", default=None, help="also write min-max ranges of the train rows it publishes (all train rows with --split test) to this JSON file (for `osad featurizer --ranges`)")
-    p.add_argument("--dry-run", action="store_true", help="only load (and --write-ranges); publish nothing")
+    ReplayConfig.add_arguments(p, exclude=("group",))  # replay consumes nothing: no consumer group
     p.set_defaults(func=run)

@@ -1,6 +1,8 @@
 """Where Samples go: the samples topic (default), or a JSONL or CSV file for recording without Kafka.
 
-``--output kafka`` | ``jsonl:PATH`` | ``csv:PATH`` (PATH ``-`` is standard output).
+``--output kafka`` | ``jsonl:PATH`` | ``csv:PATH`` (PATH ``-`` is standard output). Every sink is
+an :class:`osad.runtime.sinks.Sink` (``write`` a list of Samples, ``flush``, ``close``, ``counts``);
+JSONL is the shared :class:`~osad.runtime.sinks.JsonlSink` (one encoded Sample per line).
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ import logging
 import sys
 from typing import Iterable
 
+from osad.runtime.sinks import JsonlSink, Sink, SinkError
+
 log = logging.getLogger("osad.collector")
 
 CSV_BASE = ("entity_id", "host", "pid", "comm", "cgroup", "container_id", "ts", "interval_s", "seq")
 
-
-class SinkError(ValueError):
-    """The --output value is wrong."""
+__all__ = ["CSV_BASE", "CsvSink", "JsonlSink", "KafkaSink", "MemorySink", "Sink", "SinkError", "open_sink",
+           "parse_output", "read_csv"]
 
 
 def parse_output(spec: str) -> tuple[str, str | None]:
+    """``(kind, path)`` of an --output value; SinkError saying the accepted forms if it is none."""
     kind, sep, path = spec.partition(":")
     if kind == "kafka" and not sep:
         return "kafka", None
@@ -29,24 +33,16 @@ def parse_output(spec: str) -> tuple[str, str | None]:
     raise SinkError(f"--output {spec!r}: use kafka, jsonl:PATH or csv:PATH (PATH - for standard output)")
 
 
-class Sink:
-    def write(self, samples: list) -> None:
-        raise NotImplementedError
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class KafkaSink(Sink):
     """Publishes to the samples topic, keyed by entity id; flush() waits for the broker's acks."""
 
+    name = "kafka"
+
     def __init__(self, bootstrap: str, client_id: str = "osad-collector", publisher=None, prefix: str = ""):
-        from osad.runtime.kafka import Publisher, ensure_topics
+        from osad.runtime.kafka import Publisher, ensure_topics  # kafka stays out of `osad --help`
         from osad.schemas import SAMPLES
 
+        super().__init__()
         self.topic = SAMPLES
         if publisher is None:
             ensure_topics(bootstrap, (SAMPLES,), prefix=prefix)
@@ -56,46 +52,28 @@ class KafkaSink(Sink):
     def write(self, samples: list) -> None:
         for s in samples:
             self.pub.publish(self.topic, s)
+        self.counts["sent"] += len(samples)
 
     def flush(self) -> None:
         self.pub.flush()
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
         self.pub.close()
 
 
-class _FileSink(Sink):
-    def __init__(self, path: str, newline: str | None = None):
-        if path == "-":
-            self.f, self._own = sys.stdout, False
-        else:
-            self.f, self._own = open(path, "w", encoding="utf-8", newline=newline), True
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.flush()
-        if self._own:
-            self.f.close()
-
-
-class JsonlSink(_FileSink):
-    """One Sample per line, as on the wire (schemas.encode)."""
-
-    def write(self, samples: list) -> None:
-        from osad.schemas import encode
-
-        for s in samples:
-            self.f.write(encode(s).decode())
-            self.f.write("\n")
-
-
-class CsvSink(_FileSink):
+class CsvSink(Sink):
     """One row per Sample; a column per metric (empty where a metric is absent)."""
 
     def __init__(self, path: str, metric_names: Iterable[str]):
-        super().__init__(path, newline="")
+        super().__init__()
+        self.name = f"csv:{path}"
+        if path == "-":
+            self.f, self._own = sys.stdout, False
+        else:
+            try:
+                self.f, self._own = open(path, "w", encoding="utf-8", newline=""), True
+            except OSError as e:
+                raise SinkError(f"--output csv:{path}: cannot open for writing: {e}") from None
         self.metrics = list(dict.fromkeys(metric_names))
         self.w = csv.writer(self.f)
         self.w.writerow(list(CSV_BASE) + self.metrics)
@@ -112,6 +90,15 @@ class CsvSink(_FileSink):
                    f"{s.ts:.6f}", f"{s.interval_s:.6f}", s.seq]
             row += [_num(s.metrics[m]) if m in s.metrics else "" for m in self.metrics]
             self.w.writerow(row)
+        self.counts["sent"] += len(samples)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.f.flush()
+        if self._own:
+            self.f.close()
 
 
 def _num(x: float) -> str:
@@ -119,6 +106,7 @@ def _num(x: float) -> str:
 
 
 def open_sink(spec: str, *, bootstrap: str = "", prefix: str = "", metric_names: Iterable[str] = ()) -> Sink:
+    """The sink an --output value names (``metric_names``: the CSV columns)."""
     kind, path = parse_output(spec)
     if kind == "kafka":
         return KafkaSink(bootstrap, prefix=prefix)
@@ -135,8 +123,12 @@ def read_csv(text: str) -> list[dict]:
 class MemorySink(Sink):
     """Keeps Samples in a list (for embedding the collector, and for tests)."""
 
+    name = "memory"
+
     def __init__(self):
+        super().__init__()
         self.samples: list = []
 
     def write(self, samples: list) -> None:
         self.samples.extend(samples)
+        self.counts["sent"] += len(samples)

@@ -39,32 +39,49 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from osad.core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, span, squash
+from osad.runtime.config import Config, at_least, in_range, int_list, non_negative, positive, setting
+
+
+def _scales(text: str) -> tuple[int, ...]:
+    return tuple(int_list(text))
+
+
+def _every_scale_positive(scales) -> str | None:
+    return None if scales and min(scales) >= 1 else "give at least one scale, each at least 1"
 
 
 @dataclass(frozen=True)
-class WindowConfig:
-    scales: tuple[int, ...] = DEFAULT_SCALES
-    gap: int = DEFAULT_GAP
-    step: int = DEFAULT_STEP
-    max_fill: int = 3
-    calibration_samples: int = 300
-    calibration_warmup: int = 20
-    range_floor: float = 0.05
-    idle_timeout_s: float = 300.0
-    max_entities: int = 10_000
-    clip: float = 10.0
+class WindowConfig(Config):
+    """The window settings (``osad featurizer`` flags, ``OSAD_*`` variables), declared once.
 
-    def __post_init__(self):
-        if self.gap < 1 or self.step < 1 or not self.scales or min(self.scales) < 1:
-            raise ValueError("gap, step and every scale must be at least 1")
-        if self.calibration_samples < 2:
-            raise ValueError("calibration_samples must be at least 2")
-        if self.calibration_warmup < 0:
-            raise ValueError("calibration_warmup must be 0 or more")
-        if not 0 <= self.range_floor < 1:
-            raise ValueError("range_floor must be in [0, 1)")
-        # at most a quarter of the calibration samples are left out
-        object.__setattr__(self, "calibration_warmup", min(self.calibration_warmup, self.calibration_samples // 4))
+    >>> WindowConfig(scales=(2, 4), gap=2, step=2).span
+    6
+    """
+
+    scales: tuple[int, ...] = setting(DEFAULT_SCALES, parse=_scales, check=_every_scale_positive,
+                                      help="signature matrix scales w, in samples")
+    gap: int = setting(DEFAULT_GAP, check=positive, help="samples between windows")
+    step: int = setting(DEFAULT_STEP, check=positive, help="signature tensors per window")
+    calibration_samples: int = setting(300, check=at_least(2),
+                                       help="samples buffered to learn an entity's ranges when none are known")
+    calibration_warmup: int = setting(20, check=non_negative,
+                                      help="first samples of an entity left out of its calibration, at most a "
+                                      "quarter of them (a process's start-up is not its normal)")
+    range_floor: float = setting(0.05, check=in_range(0, 1, lo_open=False),
+                                 help="ranges learned by calibration are at least this share of a metric's level "
+                                 "wide (a metric that hardly moved while calibrating is not anomalous for moving "
+                                 "by a few pages)")
+    max_fill: int = setting(3, check=non_negative,
+                            help="longest gap (in samples) filled by carrying the last sample forward")
+    idle_timeout_s: float = setting(300.0, check=positive, help="evict an entity after this long without samples")
+    max_entities: int = setting(10_000, check=positive, help="most entities kept (least recently seen evicted)")
+    clip: float = setting(10.0, check=positive, help="soft-clip scaled values beyond +-clip ranges: z becomes "
+                          "clip*(1+ln(|z|/clip)), order kept")
+
+    @property
+    def warmup_samples(self) -> int:
+        """Samples left out of calibration: ``calibration_warmup``, at most a quarter of them."""
+        return min(self.calibration_warmup, self.calibration_samples // 4)
 
     @property
     def span(self) -> int:
@@ -340,7 +357,7 @@ class WindowStore:
         return out
 
     def _calibrate(self, entity_id: str, st: EntityState, entries: list) -> None:
-        data = np.array([r for _, r, _ in entries[self.cfg.calibration_warmup:]], dtype=np.float64)
+        data = np.array([r for _, r, _ in entries[self.cfg.warmup_samples:]], dtype=np.float64)
         ranges = Ranges.fit(st.features, data, clip=self.cfg.clip)
         lo = np.where(np.isfinite(ranges.lo), ranges.lo, 0.0)
         hi = np.where(np.isfinite(ranges.hi), ranges.hi, lo)

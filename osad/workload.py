@@ -21,31 +21,39 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import sys
 import tempfile
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from osad.runtime.config import Config, positive, setting
 
 MODES = ("normal", "cpu", "leak", "syscalls", "forks", "io", "net", "stall")
 MIB = 1 << 20
 
 
-def register(sub) -> None:
-    from osad.runtime.config import option, positive
+@dataclass(frozen=True)
+class WorkloadConfig(Config):
+    """What ``osad workload`` is told: where its mode is, and how hard each fault pushes."""
 
+    control: str = setting("", required=True, help="file holding the mode; re-read every 0.2 s")
+    leak_mib_s: float = setting(20.0, check=positive, help="leak mode: MiB per second")
+    io_mib_s: float = setting(20.0, check=positive, help="io mode: MiB per second")
+    net_mib_s: float = setting(20.0, check=positive, help="net mode: MiB per second")
+    duration_s: float = setting(0.0, help="exit after this long (0: until killed)")
+    verbose: bool = setting(False,
+                            help="print each mode change to stderr (off by default: that write would show in the "
+                            "process's write_bytes and syscalls at the very moment its fault starts)")
+
+
+def register(sub) -> None:
     p = sub.add_parser("workload", help="a program that misbehaves on command (demos, end-to-end tests)",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--control", required=True, help="file holding the mode; re-read every 0.2 s")
-    option(p, "--leak-mib-s", type=float, default=20.0, check=positive, help="leak mode: MiB per second")
-    option(p, "--io-mib-s", type=float, default=20.0, check=positive, help="io mode: MiB per second")
-    option(p, "--net-mib-s", type=float, default=20.0, check=positive, help="net mode: MiB per second")
-    option(p, "--duration-s", type=float, default=0.0, help="exit after this long (0: until killed)")
-    p.add_argument("--verbose", action="store_true",
-                   help="print each mode change to stderr (off by default: that write would show in the "
-                        "process's write_bytes and syscalls at the very moment its fault starts)")
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    WorkloadConfig.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -88,19 +96,20 @@ def _mode(path: Path, cur: str) -> str:
 
 
 def run(args) -> int:
+    cfg = WorkloadConfig.from_args(args)
     sink = _Sink()
     try:
-        return _work(args, Path(args.control), sink)
+        return _work(cfg, Path(cfg.control), sink)
     finally:
         sink.close()
 
 
-def _work(args, control: Path, sink: _Sink) -> int:
+def _work(cfg: WorkloadConfig, control: Path, sink: _Sink) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="osad-workload-"))
     leak: list[bytearray] = []
     payload = b"x" * 65536
     mode, last_check = _mode(control, "normal"), 0.0
-    t_end = time.monotonic() + args.duration_s if args.duration_s > 0 else None
+    t_end = time.monotonic() + cfg.duration_s if cfg.duration_s > 0 else None
     print(f"osad workload: pid {os.getpid()}, mode {mode}", file=sys.stderr, flush=True)
     i = 0
     while t_end is None or time.monotonic() < t_end:
@@ -108,7 +117,7 @@ def _work(args, control: Path, sink: _Sink) -> int:
         if now - last_check >= 0.2:
             new = _mode(control, mode)
             if new != mode:
-                if args.verbose:  # off by default: a log line is a write the fault itself would not make
+                if cfg.verbose:  # off by default: a log line is a write the fault itself would not make
                     print(f"osad workload: mode {mode} -> {new}", file=sys.stderr, flush=True)
                 mode = new
             last_check = now
@@ -133,7 +142,7 @@ def _work(args, control: Path, sink: _Sink) -> int:
             while time.perf_counter() - t0 < 0.2:
                 pass
         elif mode == "leak":
-            chunk = bytearray(int(args.leak_mib_s * MIB / 10))
+            chunk = bytearray(int(cfg.leak_mib_s * MIB / 10))
             chunk[::4096] = b"z" * len(chunk[::4096])  # touch every page
             leak.append(chunk)
             time.sleep(0.1)
@@ -151,14 +160,14 @@ def _work(args, control: Path, sink: _Sink) -> int:
                 os.waitpid(pid, 0)
         elif mode == "io":
             with open(tmp / "io.bin", "wb") as f:
-                n = int(args.io_mib_s * MIB / 10)
+                n = int(cfg.io_mib_s * MIB / 10)
                 for _ in range(max(1, n // len(payload))):
                     f.write(payload)
                 f.flush()
                 os.fsync(f.fileno())
             time.sleep(0.1)
         elif mode == "net":
-            for _ in range(max(1, int(args.net_mib_s * MIB / 10 / len(payload)))):
+            for _ in range(max(1, int(cfg.net_mib_s * MIB / 10 / len(payload)))):
                 sink.conn.sendall(payload)
             time.sleep(0.1)
     return 0

@@ -15,7 +15,9 @@ import time
 import pytest
 
 from osad.collector.bpf import unavailable_reason
-from osad.collector.main import Collector, CollectorConfig, EbpfUnavailable
+from osad.collector.config import CollectorConfig
+from osad.collector.ebpf_backend import EbpfUnavailable
+from osad.collector.loop import Collector
 from osad.collector.procfs import read_status
 from osad.collector.targets import TargetSpec
 from test_collector_workload import build_workload
@@ -31,7 +33,7 @@ def _collector(**kw) -> Collector:
         pytest.skip(f"eBPF cannot load here: {reason}")
     targets = kw.pop("targets", None) or TargetSpec(only_added=True, follow_children=kw.pop("follow", False))
     try:
-        return Collector(CollectorConfig(targets=targets, require_ebpf=True, **kw)).start()
+        return Collector(CollectorConfig(require_ebpf=True, **kw), targets).start()
     except EbpfUnavailable as e:
         pytest.skip(f"eBPF cannot load here: {e}")
 
@@ -152,7 +154,7 @@ def test_samples_are_numbered_and_exit_evicts(col, work):
     assert [s.seq for s in ph.samples] == list(range(len(ph.samples)))
     assert len({s.entity_id for s in ph.samples}) == 1
     st = ph.samples[0]
-    assert st.entity_id.startswith(f"{col.cfg.host}/{ph.p.pid}@")
+    assert st.entity_id.startswith(f"{col.host}/{ph.p.pid}@")
     assert st.comm == "work"
     assert all(s.interval_s > 0 for s in ph.samples)
     assert of(col.collect_once(), ph.p.pid) == []
@@ -256,7 +258,7 @@ def test_all_processes_capped_top_by_cpu(work):
         assert c.events_total > 0
         # without a cap, the on-CPU time of all processes fits in the CPUs' time
         # (a slice is credited when it ends or at the next 49 Hz tick: one tick of slack per CPU and end)
-        c.cfg.max_processes = None
+        c.cfg = c.cfg.replace(max_processes=None)
         c.collect_once()
         time.sleep(1.0)  # a real interval
         got = c.collect_once()
@@ -264,7 +266,7 @@ def test_all_processes_capped_top_by_cpu(work):
         bound = os.cpu_count() * (got[0].interval_s + 2 / 49) * 1e9
         assert 0 < total <= bound * 1.01, (total, bound)
         # --comm: every process is watched in kernel, only matching ones are reported
-        c.cfg.targets.comm = re.compile(r"^work$")
+        c.targets.comm = re.compile(r"^work$")
         p = c.spawn([work, "burn", "50"])
         assert p.wait(60) == 0
         got = c.collect_once()

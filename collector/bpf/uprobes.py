@@ -17,15 +17,16 @@ class ProbeSpec:
 
     @staticmethod
     def parse(text: str) -> "ProbeSpec":
-        """``/path/to/binary:function`` (or ``lib:function``, e.g. ``c:malloc``)."""
+        """``/path/to/binary:function`` (or ``lib:function``, e.g. ``c:malloc``). The ValueError says
+        what is wrong with ``text`` (argparse and the config name the flag or variable around it)."""
         binary, sep, function = text.rpartition(":")
         if not sep or not binary or not function:
-            raise ValueError(f"--probe {text!r}: write BINARY:FUNCTION, e.g. /usr/bin/myapp:handle_request "
+            raise ValueError("write BINARY:FUNCTION, e.g. /usr/bin/myapp:handle_request "
                              "or c:malloc")
         if not re.fullmatch(r"[A-Za-z_.$@][\w.$@]*", function):
-            raise ValueError(f"--probe {text!r}: {function!r} is not a function symbol name")
+            raise ValueError(f"{function!r} is not a function symbol name")
         if "/" in binary and not os.path.exists(binary):
-            raise ValueError(f"--probe {text!r}: {binary} does not exist")
+            raise ValueError(f"{binary} does not exist")
         label = re.sub(r"[^0-9a-zA-Z]+", "_", function).strip("_").lower() or "fn"
         return ProbeSpec(binary, function, label)
 

@@ -1,0 +1,71 @@
+"""The settings of ``osad collect``, declared once: its flags, ``OSAD_*`` variables, checks and
+--help come from :class:`CollectorConfig`, and the sampling loop (``loop.py``) reads the same object.
+
+Example::
+
+    >>> cfg = CollectorConfig(targets=TargetConfig(all=True), interval_s=0.5)
+    >>> cfg.targets.spec().describe(), cfg.interval_s, cfg.max_processes
+    ('all processes', 0.5, 100)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from osad.runtime.config import Config, KafkaConfig, ServiceConfig, non_negative, positive, section, setting
+
+from .bpf.uprobes import ProbeSpec
+from .targets import TargetSpec, build
+
+WHAT = "what to watch (exactly one)"
+
+
+@dataclass(frozen=True)
+class TargetConfig(Config):
+    """What to watch, as given: exactly one of --pid, --command, --comm and --all (:meth:`spec` checks)."""
+
+    pids: list[str] = setting([], flag="--pid", group=WHAT, metavar="PID[,PID...]", repeat=",",
+                              help="watch these running processes (comma-separate several)")
+    command: str | None = setting(None, group=WHAT, metavar='"PROG ARGS"',
+                                  help="start this command and watch it from its first instruction; stop when it "
+                                  "(and, with --follow-children, its descendants) has exited")
+    comm: str | None = setting(None, group=WHAT, metavar="REGEX",
+                               help="watch every process whose command name (comm) matches REGEX")
+    all: bool = setting(False, group=WHAT,
+                        help="watch every process; each interval reports the --max-processes with most on-CPU time")
+    follow_children: bool = setting(False,
+                                    help="with --pid/--command: also watch processes they start, and theirs")
+
+    def spec(self) -> TargetSpec:
+        """The checked targets (raises ``TargetError`` saying which option is wrong)."""
+        return build(pids=self.pids, command=self.command, comm=self.comm, all_=self.all,
+                     follow_children=self.follow_children)
+
+
+@dataclass(frozen=True)
+class CollectorConfig(Config):
+    """Everything ``osad collect`` is told. The engine (``loop.Collector``) reads the sampling
+    settings; the command reads the rest (targets, output, duration, broker, status port)."""
+
+    targets: TargetConfig = section(TargetConfig)
+    per_thread: bool = setting(False, flag="--threads", env="OSAD_COLLECT_THREADS",  # OSAD_THREADS: the detector's
+                               help="also report each thread (entity id .../t<tid>) with its own counters")
+    probes: list[ProbeSpec] = setting([], flag="--probe", parse=ProbeSpec.parse, repeat=",",
+                                      metavar="BINARY:FUNCTION",
+                                      help="count calls of FUNCTION in BINARY (a path, or a library name such as c) "
+                                      "and time inside it, per process (uprobe + uretprobe)")
+    interval_s: float = setting(1.0, flag="--interval", metavar="INTERVAL", check=positive, help="seconds per Sample")
+    max_processes: int | None = setting(100, check=positive,
+                                        help="at most this many processes per interval (those with most on-CPU time "
+                                        "first); with --threads, at most this many thread Samples too")
+    output: str = setting("kafka", help="where Samples go: kafka (the samples topic), jsonl:PATH or csv:PATH "
+                          "(PATH - for stdout)")
+    duration_s: float = setting(0.0, flag="--duration", metavar="DURATION", check=non_negative,
+                                help="stop after this many seconds (0: until interrupted, or until the watched "
+                                "command exits); a --command still running then is terminated")
+    host: str = setting("", help="host name used in entity ids (empty: this host's name; in a container with the "
+                        "host's pid namespace, the host's, not the container's)")
+    require_ebpf: bool = setting(False,
+                                 help="fail instead of falling back to /proc sampling when eBPF cannot be used")
+    kafka: KafkaConfig = section(KafkaConfig)
+    service: ServiceConfig = section(ServiceConfig)  # no --group: the collector consumes no topic
