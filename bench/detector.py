@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from osad.detector.base import WindowBatch  # noqa: E402
-from osad.detector.mscred import MSCREDConfig, MSCREDScorer  # noqa: E402
+from osad.detector.mscred import MSCREDScorer  # noqa: E402
+from osad.detector.mscred_net import MSCREDConfig  # noqa: E402
 
 HEADING = "## Detector (MSCRED)"
 

@@ -44,7 +44,8 @@ def main() -> int:
     from kafka import KafkaConsumer, KafkaProducer
 
     from osad.detector.base import WindowBatch
-    from osad.detector.mscred import MSCREDConfig, MSCREDScorer
+    from osad.detector.mscred import MSCREDScorer
+    from osad.detector.mscred_net import MSCREDConfig
     from osad.runtime.broker import EmbeddedBroker
     from osad.runtime.kafka import ensure_topics
     from osad.schemas import SCORES, SIGNATURES, Score, SignatureWindow, decode, encode

@@ -33,7 +33,7 @@ import osad.core.metrics as M  # noqa: E402
 from osad.core.datasets import load_entity  # noqa: E402
 from osad.core.signature import signature_windows, span  # noqa: E402
 from osad.detector.mscred import MSCREDScorer  # noqa: E402
-from osad.detector.train import TrainConfig, dataset_windows, fit_with_windows  # noqa: E402
+from osad.detector.train import TrainConfig, dataset_windows  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         else:
             data = dataset_windows(args.dir, e, scales, gap, step, 0.2, args.max_windows)
             sc = MSCREDScorer(data.features, ranges=data.ranges, threads=args.threads, batch_size=64)
-            fit_with_windows(sc, data, TrainConfig(epochs=args.epochs, patience=3))
+            sc.fit_training_windows(data, TrainConfig(epochs=args.epochs, patience=3))
             sc.save(ck)
         ent = load_entity(args.dir, e)
         x = sc.ranges.transform(np.concatenate([ent.train[-head:], ent.test]))

@@ -14,11 +14,11 @@ give per-feature contributions, behind the same :class:`~detector.base.Scorer` i
 Example::
 
     >>> import numpy as np
-    >>> from detector.base import WindowBatch
+    >>> from osad.detector.base import WindowBatch
     >>> rng = np.random.default_rng(0)
-    >>> train = WindowBatch(np.zeros((50, 0, 0, 3, 3)), rng.normal(0.5, 0.05, (50, 60, 3)))
+    >>> train = WindowBatch(None, rng.normal(0.5, 0.05, (50, 60, 3)))
     >>> test = rng.normal(0.5, 0.05, (2, 60, 3)); test[1, -5:, 2] += 1.0
-    >>> out = L2Scorer().fit(train).score(WindowBatch(np.zeros((2, 0, 0, 3, 3)), test))
+    >>> out = L2Scorer().fit(train).score(WindowBatch(None, test))
     >>> bool(out.scores[1] > out.scores[0]), int(out.contributions[1].argmax())
     (True, 2)
 """
@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from osad.core.signature import DEFAULT_GAP
-from osad.detector.base import Scorer, ScoreBatch, WindowBatch
+from .base import Scorer, ScoreBatch, WindowBatch, WindowSpec
 
 __all__ = ["PCAScorer", "L2Scorer", "RandomScorer", "newest_rows", "training_rows"]
 
@@ -71,6 +71,13 @@ class PCAScorer(Scorer):
         k = None if self.components_ is None else self.components_.shape[0]
         return f"pca:var={self.variance}:k={k}"
 
+    @property
+    def window(self) -> WindowSpec:
+        return WindowSpec(gap=self.gap)
+
+    def options(self) -> dict:
+        return dict(variance=self.variance, gap=self.gap)
+
     def fit(self, windows: WindowBatch) -> "PCAScorer":
         x = training_rows(windows, self.gap)
         self.mean_ = x.mean(axis=0)
@@ -109,6 +116,13 @@ class L2Scorer(Scorer):
     def model_id(self) -> str:
         return "l2:" + ("train-mean" if self.mean_ is not None else "window-mean")
 
+    @property
+    def window(self) -> WindowSpec:
+        return WindowSpec(gap=self.gap)
+
+    def options(self) -> dict:
+        return dict(gap=self.gap)
+
     def fit(self, windows: WindowBatch) -> "L2Scorer":
         self.mean_ = training_rows(windows, self.gap).mean(axis=0)
         return self
@@ -126,18 +140,26 @@ class L2Scorer(Scorer):
 
 
 class RandomScorer(Scorer):
-    """Uniform random scores and contributions from a seeded generator (chance level)."""
+    """Uniform random scores and contributions from a seeded generator (chance level); ``gap`` only
+    says which samples a score stands for."""
 
     needs_fit = False
     uses_signatures = False
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    def __init__(self, seed: int = 0, gap: int = DEFAULT_GAP):
+        self.seed, self.gap = seed, gap
         self._rng = np.random.default_rng(seed)
 
     @property
     def model_id(self) -> str:
         return f"random:seed={self.seed}"
+
+    @property
+    def window(self) -> WindowSpec:
+        return WindowSpec(gap=self.gap)
+
+    def options(self) -> dict:
+        return dict(seed=self.seed, gap=self.gap)
 
     def fit(self, windows: WindowBatch) -> "RandomScorer":
         return self

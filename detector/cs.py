@@ -41,12 +41,12 @@ Per window ``values`` [T, N] (T = 60 min-max scaled samples, oldest first), foll
 Example::
 
     >>> import numpy as np
-    >>> from detector.base import WindowBatch
+    >>> from osad.detector.base import WindowBatch
     >>> t = np.arange(60)[:, None]
     >>> normal = np.sin(2 * np.pi * t / 60 + np.arange(4)) * 0.3 + 0.5
     >>> burst = normal.copy(); burst[-4:-2, :2] += 1.0  # two metrics jump among the newest points
     >>> values = np.stack([normal, burst])
-    >>> out = CSScorer().score(WindowBatch(np.zeros((2, 0, 3, 4, 4)), values))
+    >>> out = CSScorer().score(WindowBatch(None, values))
     >>> bool(out.scores[1] > 5 * out.scores[0]), sorted(out.contributions[1].argsort()[-2:].tolist())
     (True, [0, 1])
 """
@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from osad.detector.base import Scorer, ScoreBatch, WindowBatch
+from .base import Scorer, ScoreBatch, WindowBatch, WindowSpec
 
 __all__ = ["CSScorer", "CalibratedCSScorer", "basis_pursuit_dct", "dct_matrix", "sbd_matrix", "group_labels",
            "group_labels_batch", "group_basis", "group_bases",
@@ -407,6 +407,7 @@ class CSScorer(Scorer):
             raise ValueError(f"sample_rate must be in (0, 1), got {sample_rate}")
         self.gap, self.sample_rate, self.sbd_threshold, self.grouping = gap, sample_rate, sbd_threshold, grouping
         self.lesinn_t, self.lesinn_phi, self.rho = lesinn_t, lesinn_phi, rho
+        self.kernel_sigma, self.kernel_scale = kernel_sigma, kernel_scale
         self.kernel_std = kernel_sigma * kernel_scale
         self.percentile, self.top_k = percentile, top_k
         self.max_iter, self.tol, self.seed, self.dtype, self.device = max_iter, tol, seed, dtype, device
@@ -417,6 +418,17 @@ class CSScorer(Scorer):
     def model_id(self) -> str:
         return (f"cs-jumpstarter:rate={self.sample_rate}:group={self.grouping}:sbd={self.sbd_threshold}"
                 f":seed={self.seed}")
+
+    @property
+    def window(self) -> WindowSpec:
+        return WindowSpec(gap=self.gap)
+
+    def options(self) -> dict:
+        return dict(gap=self.gap, sample_rate=self.sample_rate, sbd_threshold=self.sbd_threshold,
+                    grouping=self.grouping, lesinn_t=self.lesinn_t, lesinn_phi=self.lesinn_phi, rho=self.rho,
+                    kernel_sigma=self.kernel_sigma, kernel_scale=self.kernel_scale, percentile=self.percentile,
+                    top_k=self.top_k, max_iter=self.max_iter, tol=self.tol, seed=self.seed, dtype=self.dtype,
+                    device=self.device)
 
     def fit(self, windows: WindowBatch) -> "CSScorer":
         """Group metrics on a calibration stretch: mean SBD over the given windows (nothing else is learned)."""
@@ -526,6 +538,7 @@ class CalibratedCSScorer(Scorer):
                  quantile: float = 0.999, floor: float = 0.01, max_calibration_windows: int = 512,
                  transform: str = "sqrt", attribution: str = "pdc", **cs_options):
         self.cs = CSScorer(**cs_options)
+        self._horizon_option = horizon  # None: 3 * gap, whatever the gap of a clone
         self.horizon = int(horizon) if horizon else 3 * self.cs.gap
         if transform not in ("sqrt", "none"):
             raise ValueError(f"transform must be 'sqrt' or 'none', got {transform!r}")
@@ -549,6 +562,21 @@ class CalibratedCSScorer(Scorer):
     @property
     def fitted(self) -> bool:
         return self.cs_loc_ is not None
+
+    @property
+    def window(self) -> WindowSpec:
+        return self.cs.window
+
+    def options(self) -> dict:
+        return dict(horizon=self._horizon_option, pca_weight=self.pca_weight, variance=self.variance,
+                    quantile=self.quantile, floor=self.floor, max_calibration_windows=self.max_calibration_windows,
+                    transform=self.transform, attribution=self.attribution, **self.cs.options())
+
+    @classmethod
+    def from_jump_start(cls, cs: CSScorer, **overrides) -> "CalibratedCSScorer":
+        """An unfitted calibrated scorer whose reconstruction is ``cs``'s (same options): until it is
+        fitted it scores exactly like ``cs``."""
+        return cls(**{**cs.options(), **overrides})
 
     def fit(self, windows: WindowBatch) -> "CalibratedCSScorer":
         """PCA on the windows' newest ``gap`` rows (the training series), then the normal range of both

@@ -35,7 +35,10 @@ from osad.core import metrics as M
 from osad.core.datasets import Entity, list_entities, load_entity
 from osad.core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, signature_windows, span
 from osad.core.thresholds import DEFAULT_FENCE_K, pot_threshold
-from osad.detector.base import Scorer, WindowBatch
+from osad.runtime.config import Config, in_range, non_negative, setting
+
+from . import registry
+from .base import Scorer, WindowBatch
 
 BASELINES = ("pca", "l2", "random")
 METRIC_KEYS = ("f1", "auprc", "pa_f1", "deployed_f1", "hitrate@100", "hitrate@150")
@@ -43,48 +46,15 @@ METRIC_KEYS = ("f1", "auprc", "pa_f1", "deployed_f1", "hitrate@100", "hitrate@15
 
 def model_names() -> dict[str, str]:
     """Model name -> one-line description (what ``--model`` accepts)."""
-    return {
-        "cs": "compressed sensing (JumpStarter) + train-fitted normalisation (default CS, see docs/evaluation.md)",
-        "cs-faithful": "compressed sensing as in JumpStarter, no training at all",
-        "pca": "PCA reconstruction error (90% variance), fit on train",
-        "l2": "L2 distance from the train mean",
-        "random": "uniform random score",
-        "mscred": "MSCRED (detector.mscred.MSCREDScorer), trained on the train head",
-    }
+    return registry.names()
 
 
 def make_scorer(name: str, entity: Entity, ranges: Ranges, *, gap: int = DEFAULT_GAP, scales=DEFAULT_SCALES,
                 step: int = DEFAULT_STEP, seed: int = 0, threads: int | None = None) -> Scorer:
-    """A fresh scorer by name for one entity."""
-    if name == "cs":
-        from osad.detector.cs import CalibratedCSScorer
-
-        return CalibratedCSScorer(gap=gap, seed=seed)
-    if name == "cs-faithful":
-        from osad.detector.cs import CSScorer
-
-        return CSScorer(gap=gap, seed=seed)
-    if name == "pca":
-        from osad.detector.baselines import PCAScorer
-
-        return PCAScorer(gap=gap)
-    if name == "l2":
-        from osad.detector.baselines import L2Scorer
-
-        return L2Scorer(gap=gap)
-    if name == "random":
-        from osad.detector.baselines import RandomScorer
-
-        return RandomScorer(seed=seed)
-    if name == "mscred":
-        try:
-            from osad.detector.mscred import MSCREDScorer
-        except ImportError as e:
-            raise ValueError(f"--model mscred needs detector.mscred.MSCREDScorer, which cannot be imported ({e}); "
-                             "install the detector extra (pip install -e '.[detector]') or pick another model") from None
-        return MSCREDScorer(features=entity.feature_names, scales=scales, gap=gap, step=step, ranges=ranges,
-                            threads=threads)
-    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
+    """A fresh scorer by name for one entity (its features and scaling ranges)."""
+    return registry.create(name, registry.ScorerOptions(gap=gap, scales=tuple(scales), step=step, seed=seed,
+                                                        features=entity.feature_names, ranges=ranges,
+                                                        threads=threads))
 
 
 # ------------------------------------------------------------------------------------ windows
@@ -142,8 +112,8 @@ def score_points(scorer: Scorer, history: np.ndarray, series: np.ndarray, *, sca
     z = np.concatenate([history[history.shape[0] - h:], series]) if h else series
     ends = covering_ends(z.shape[0], h, need, gap, seq0=None if seq0 is None else seq0 - h, cover_last=cover_last)
     pmap = point_windows(series.shape[0], h, ends, gap) if cover_last else None
-    ws, wc = score_windows(scorer, window_batches(z, ends, with_signatures=bool(getattr(scorer, "uses_signatures", True)),
-                                                  scales=scales, gap=gap, step=step, chunk=chunk))
+    ws, wc = score_windows(scorer, window_batches(z, ends, with_signatures=scorer.uses_signatures, scales=scales,
+                                                  gap=gap, step=step, chunk=chunk))
     if pmap is None:
         return None, None, ws
     return ws[pmap], wc[pmap], ws
@@ -151,7 +121,8 @@ def score_points(scorer: Scorer, history: np.ndarray, series: np.ndarray, *, sca
 
 def window_batches(x: np.ndarray, ends: np.ndarray, *, with_signatures: bool, scales=DEFAULT_SCALES,
                    gap: int = DEFAULT_GAP, step: int = DEFAULT_STEP, chunk: int = 256):
-    """Yield WindowBatch chunks for the window ends ``ends`` of the scaled series ``x`` [T, N]."""
+    """Yield WindowBatch chunks for the window ends ``ends`` of the scaled series ``x`` [T, N] (signatures
+    None unless ``with_signatures``)."""
     t = max(scales)
     n = x.shape[1]
     for s in range(0, ends.size, chunk):
@@ -163,14 +134,15 @@ def window_batches(x: np.ndarray, ends: np.ndarray, *, with_signatures: bool, sc
             for r in np.unique((e + 1) % g):  # signature_windows needs ends on block boundaries of its series
                 sel = (e + 1) % g == r
                 sig[sel] = signature_windows(x[r:], e[sel] - r, scales, gap, step)
-        else:  # the scorer reads values only: an empty signature axis keeps WindowBatch's shape contract
-            sig = np.zeros((e.size, 0, len(scales), n, n), np.float32)
+        else:  # the scorer reads values only
+            sig = None
         yield WindowBatch(signatures=sig, values=values)
 
 
 def concat_batches(batches) -> WindowBatch:
     bs = list(batches)
-    return WindowBatch(np.concatenate([b.signatures for b in bs]), np.concatenate([b.values for b in bs]))
+    sig = None if any(b.signatures is None for b in bs) else np.concatenate([b.signatures for b in bs])
+    return WindowBatch(sig, np.concatenate([b.values for b in bs]))
 
 
 def score_windows(scorer: Scorer, batches) -> tuple[np.ndarray, np.ndarray]:
@@ -184,20 +156,53 @@ def score_windows(scorer: Scorer, batches) -> tuple[np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------------------------ one entity
 
-@dataclass
-class EvalConfig:
-    val_fraction: float = 0.2
-    q: float = 1e-3
-    level: float = 0.98
-    fence: float = DEFAULT_FENCE_K  # leave out gross outliers (> Q3 + fence * IQR) before POT, as the alerter does (0: off)
+def parse_fit_options(s: str) -> dict:
+    """``KEY=VALUE[,KEY=VALUE]`` -> a dict; values that read as int or float become numbers.
+
+    >>> parse_fit_options("epochs=5,lr=1e-3,device=cpu")
+    {'epochs': 5, 'lr': 0.001, 'device': 'cpu'}
+    """
+    out = {}
+    for item in (x for x in s.split(",") if x.strip()):
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ValueError(f"--fit-option {item!r}: expected KEY=VALUE")
+        for conv in (int, float):
+            try:
+                out[k.strip()] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _fence(v: float) -> str | None:
+    return None if v >= 0 else "must be 0 (off) or more"
+
+
+@dataclass(frozen=True)
+class EvalConfig(Config):
+    """The evaluation protocol's settings (the flags of ``osad evaluate``, and the window layout)."""
+
+    val_fraction: float = setting(0.2, help="share of train (its tail) held out to choose the label-free threshold",
+                                  check=in_range(0, 0.9))
+    q: float = setting(1e-3, help="POT risk: probability that a normal window exceeds the threshold",
+                       check=in_range(0, 1))
+    level: float = 0.98  # POT's initial-threshold quantile
+    fence: float = setting(DEFAULT_FENCE_K, flag="--calibration-fence", check=_fence,
+                           help="leave out held-out scores above Q3 + this many IQR (at most 5%) before POT, as "
+                           "'osad alert' does (0: off)")
     gap: int = DEFAULT_GAP
     scales: tuple = DEFAULT_SCALES
     step: int = DEFAULT_STEP
-    seed: int = 0
-    limit_train: int | None = None  # keep only the last N train rows (quick runs)
-    limit_test: int | None = None  # keep only the first N test rows
-    threads: int | None = None
-    fit_options: dict | None = None  # extra keyword arguments for fit() of models that take them (mscred)
+    seed: int = setting(0, help="seed of every random draw (sampling, random baseline)")
+    threads: int | None = setting(0, help="torch threads per process (0: 1; parallelism comes from --jobs)")
+    limit_train: int | None = setting(0, help="use only the last N train rows (0: all; quick runs)")
+    limit_test: int | None = setting(0, help="use only the first N test rows (0: all; quick runs)")
+    fit_options: dict | None = setting(None, flag="--fit-option", parse=parse_fit_options,
+                                       help="KEY=VALUE[,KEY=VALUE] passed to fit() of mscred (e.g. epochs=5)")
 
 
 def prepare(root, name: str, cfg: EvalConfig) -> tuple[Entity, Ranges, np.ndarray, np.ndarray, int]:
@@ -236,12 +241,11 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
     arrays = {"labels": labels}
     for mname in models:
         scorer = make_scorer(mname, ent, ranges, gap=cfg.gap, scales=cfg.scales, step=cfg.step, seed=cfg.seed,
-                             threads=cfg.threads)
-        sig = bool(getattr(scorer, "uses_signatures", True))
-        kw = dict(with_signatures=sig, scales=cfg.scales, gap=cfg.gap, step=cfg.step)
+                             threads=cfg.threads or None)
+        kw = dict(with_signatures=scorer.uses_signatures, scales=cfg.scales, gap=cfg.gap, step=cfg.step)
         t0 = time.perf_counter()
         fit_batch = concat_batches(window_batches(xtr[:n_fit], fit_ends, **kw, chunk=1 << 30))
-        if cfg.fit_options and mname == "mscred":
+        if cfg.fit_options and registry.entry(mname).fit_options:
             scorer.fit(fit_batch, **cfg.fit_options)
         else:
             scorer.fit(fit_batch)
@@ -317,7 +321,7 @@ def evaluate(root, models, entities=None, jobs: int = 1, out=None, cfg: EvalConf
     # one torch thread per process by default: the solver's matrices are small, and on a shared
     # machine intra-op threads contend (bench/cs.py: 2 threads on a loaded 2-core box ran 5x slower)
     threads = cfg.threads or 1
-    cfg = EvalConfig(**{**cfg.__dict__, "threads": threads})
+    cfg = cfg.replace(threads=threads)
     tasks = [(str(root), n, list(models), cfg) for n in names]
     results: list[dict] = []
     t0 = time.perf_counter()
@@ -352,7 +356,7 @@ def evaluate(root, models, entities=None, jobs: int = 1, out=None, cfg: EvalConf
                "mean": means(results, models),
                "protocol": {"val_fraction": cfg.val_fraction, "q": cfg.q, "level": cfg.level, "gap": cfg.gap,
                             "scales": list(cfg.scales), "step": cfg.step, "seed": cfg.seed,
-                            "limit_train": cfg.limit_train, "limit_test": cfg.limit_test}}
+                            "limit_train": cfg.limit_train or None, "limit_test": cfg.limit_test or None}}
     if out:
         outd = Path(out)
         outd.mkdir(parents=True, exist_ok=True)

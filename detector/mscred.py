@@ -1,22 +1,12 @@
-"""MSCRED: Multi-Scale Convolutional Recurrent Encoder-Decoder (Zhang et al., "A Deep Neural Network
-for Unsupervised Anomaly Detection and Diagnosis in Multivariate Time Series Data", AAAI 2019).
+"""MSCRED behind the scorer interface (Zhang et al., "A Deep Neural Network for Unsupervised Anomaly
+Detection and Diagnosis in Multivariate Time Series Data", AAAI 2019).
 
-The model reconstructs the last of ``step`` multi-scale signature tensors (see core.signature)
-from all ``step`` of them; a window whose reconstruction is poor is anomalous, and the rows of
-the residual that are poorly reconstructed name the features that explain it.
+The network reconstructs the last of ``step`` multi-scale signature tensors from all ``step`` of
+them (:mod:`osad.detector.mscred_net`); a window whose reconstruction is poor is anomalous, and
+the rows of the residual that are poorly reconstructed name the features that explain it. This
+module is the scorer around it: it scores, trains (the loop is :mod:`osad.detector.mscred_train`)
+and calibrates, and assembles itself from a checkpoint's parts (:mod:`osad.detector.checkpoint`).
 
-Architecture (paper, section "MSCRED framework"), written from its specification:
-
-* Encoder, applied to every time step (SELU activations):
-  conv 3x3 stride 1 -> 32 ch, conv 3x3 stride 2 -> 64, conv 2x2 stride 2 -> 128,
-  conv 2x2 stride 2 -> 256.
-* Temporal part, per level: a ConvLSTM (Shi et al., NeurIPS 2015; kernel 3x3, hidden = the
-  level's channels, with the peephole terms W_c o C of the paper's eq. 3) runs *over time*
-  across the ``step`` feature maps. The level's output is an attention-weighted sum of its
-  hidden states, weight_k = softmax_k(<H_k, H_last> / chi), chi = 5 (paper eq. 4).
-* Decoder: transposed convolutions back up, each concatenated with the attended map of the
-  level below: 256 -> 128, concat -> 256 -> 64, concat -> 128 -> 32, concat -> 64 -> S.
-* Loss: squared reconstruction error of the last signature tensor (paper eq. 5).
 * Score: residual R = M - M_hat of the last step; the number of "broken" elements
   |R_ij|^2 > theta on the smallest scale (paper section "Anomaly score"; reference
   theta = 0.005), or the sum of squared residuals on that scale (continuous; see
@@ -32,16 +22,10 @@ does not depend on theta (whose meaning shifts with how well a model fits) and h
 quantile thresholds work on it. Both are computed for every window (``detail``) and both are
 calibrated in checkpoints; ``score_kind="broken"`` selects the paper's.
 
-Differences from public ports, on purpose: any number of features N works (paddings and output
-paddings are computed from N, see :func:`level_sizes`), the ConvLSTM runs over time (not over a
-batch of the 5 steps), and windows of many entities are scored in one batch [B, step, S, N, N].
-The last transposed convolution is linear (no SELU), so the reconstruction is not bounded below
-at -1.76; the others use SELU as in the paper.
-
 Example::
 
     >>> import numpy as np
-    >>> from detector.base import WindowBatch
+    >>> from osad.detector.base import WindowBatch
     >>> rng = np.random.default_rng(0)
     >>> x = rng.random((8, 5, 3, 6, 6), dtype=np.float32)
     >>> batch = WindowBatch(signatures=x, values=np.zeros((8, 60, 6), np.float32))
@@ -53,333 +37,30 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
-from dataclasses import asdict, dataclass, field
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from osad.core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges
-from osad.detector.base import ScoreBatch, Scorer, WindowBatch
+
+from .base import ScoreBatch, Scorer, WindowBatch, WindowSpec
+from .checkpoint import (CheckpointError, CheckpointParts, check_weights_fit, inconsistent, load_checkpoint,
+                         save_checkpoint)
+from .mscred_net import MSCRED, MSCREDConfig, autocast, pick_device, weights_hash
+from .mscred_train import say, train_model
+from .score_stats import DEFAULT_BETA, Calibration, ScoreStats
+from .train import TrainConfig, TrainingWindows, overlap_windows, split_ends
 
 #: Score kinds: "sse" = sum of squared residuals on the smallest scale (continuous; default),
 #: "broken" = number of elements with |R_ij|^2 > theta on the smallest scale (the paper's score).
 #: Measured side by side in the module docstring.
 SCORE_KINDS = ("sse", "broken")
 DEFAULT_THETA = 0.005
-DEFAULT_BETA = 1.5
-
-
-def level_sizes(n: int) -> tuple[int, int, int, int]:
-    """Spatial sizes of the four encoder levels for N features.
-
-    conv 3x3/s1 keeps N; conv 3x3/s2 (padding 1) gives ceil(N/2); the two 2x2/s2 convs pad one
-    row and column at the bottom/right when their input is odd (TensorFlow's "SAME"), giving
-    ceil(n/2) each. The decoder crops its transposed convolutions back to exactly these sizes.
-    """
-    if n < 1:
-        raise ValueError(f"MSCRED needs at least one feature, got N = {n}")
-    n2 = (n + 1) // 2
-    n3 = (n2 + 1) // 2
-    n4 = (n3 + 1) // 2
-    return n, n2, n3, n4
-
-
-@dataclass(frozen=True)
-class MSCREDConfig:
-    """Hyper-parameters that fix the network's shape (stored in checkpoints)."""
-
-    n_features: int
-    n_scales: int = len(DEFAULT_SCALES)
-    step: int = DEFAULT_STEP
-    channels: tuple[int, int, int, int] = (32, 64, 128, 256)
-    chi: float = 5.0
-    peephole: bool = True
-
-    def __post_init__(self):
-        if self.n_features < 1 or self.n_scales < 1 or self.step < 1:
-            raise ValueError(f"MSCREDConfig: n_features, n_scales and step must be >= 1, got {self}")
-        if len(self.channels) != 4:
-            raise ValueError("MSCREDConfig: channels needs four levels, e.g. (32, 64, 128, 256)")
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MSCREDConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown MSCRED hyper-parameters {sorted(unknown)}")
-        d = dict(d)
-        if "channels" in d:
-            d["channels"] = tuple(d["channels"])
-        return cls(**d)
-
-
-class ConvLSTM(nn.Module):
-    """Convolutional LSTM with peepholes (Shi et al. 2015; MSCRED eq. 3), run over time.
-
-    Input [B, T, C, H, W] -> the T hidden states, each [B, C, H, W]. Per step::
-
-        i = sigma(W_xi * X_t + W_hi * H_{t-1} + W_ci o C_{t-1} + b_i)
-        f = sigma(W_xf * X_t + W_hf * H_{t-1} + W_cf o C_{t-1} + b_f)
-        C_t = f o C_{t-1} + i o tanh(W_xc * X_t + W_hc * H_{t-1} + b_c)
-        o = sigma(W_xo * X_t + W_ho * H_{t-1} + W_co o C_t + b_o)
-        H_t = o o tanh(C_t)
-
-    Two equivalent ways to compute the gate pre-activations (same parameters, same result):
-
-    * ``fused`` (default): per step one convolution of [X_t, H_{t-1}] (channels concatenated)
-      with [W_x, W_h]: twice the reduction depth per convolution, which oneDNN runs closer to
-      the machine's peak than two thin ones, and no separate pass to add their outputs;
-    * ``split``: W_x * X_t for all T steps as one batched convolution, then W_h * H_{t-1} per
-      step, added.
-
-    Both skip W_h * H_{t-1} at t = 0, where H = C = 0.
-    """
-
-    def __init__(self, channels: int, size: int, peephole: bool = True, mode: str = "fused"):
-        super().__init__()
-        c = channels
-        self.channels = c
-        self.wx = nn.Conv2d(c, 4 * c, 3, padding=1, bias=True)
-        self.wh = nn.Conv2d(c, 4 * c, 3, padding=1, bias=False)
-        self.peephole = peephole
-        if peephole:
-            self.wc = nn.Parameter(torch.zeros(3, c, size, size))  # input, forget, output peepholes
-        else:
-            self.register_parameter("wc", None)
-        if mode not in ("fused", "split"):
-            raise ValueError(f"ConvLSTM mode must be 'fused' or 'split', got {mode!r}")
-        self.mode = mode
-        self._w_cache: tuple | None = None
-
-    def _w_cat(self) -> torch.Tensor:
-        """[W_x, W_h] along input channels; cached while the weights are unchanged and no gradient is needed."""
-        wx, wh = self.wx.weight, self.wh.weight
-        fmt = torch.channels_last if wx.is_contiguous(memory_format=torch.channels_last) and not wx.is_contiguous() \
-            else torch.contiguous_format
-        if torch.is_grad_enabled():
-            return torch.cat([wx, wh], 1).contiguous(memory_format=fmt)
-        key = (wx.data_ptr(), wh.data_ptr(), wx._version, wh._version, fmt)
-        if self._w_cache is None or self._w_cache[0] != key:
-            self._w_cache = (key, torch.cat([wx, wh], 1).contiguous(memory_format=fmt))
-        return self._w_cache[1]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        b, t = x.shape[:2]
-        wc = self.wc.to(x.dtype) if self.wc is not None else None
-        hs = []
-        if self.mode == "fused":
-            h, c = _lstm_cell(self.wx(x[:, 0]), None, wc)
-            hs.append(h)
-            if t > 1:
-                w = self._w_cat()
-                for k in range(1, t):
-                    g = F.conv2d(torch.cat([x[:, k], h], 1), w, self.wx.bias, padding=1)
-                    h, c = _lstm_cell(g, c, wc)
-                    hs.append(h)
-            return hs
-        gx = self.wx(x.flatten(0, 1))
-        gx = gx.view(b, t, *gx.shape[1:])
-        h = c = None
-        for k in range(t):
-            if h is None:
-                g = gx[:, k]
-            else:
-                g = self.wh(h)
-                g = g.add_(gx[:, k]) if not torch.is_grad_enabled() else g + gx[:, k]
-            h, c = _lstm_cell(g, c, wc)
-            hs.append(h)
-        return hs
-
-
-def _lstm_cell(g: torch.Tensor, c: torch.Tensor | None, wc: torch.Tensor | None):
-    """One ConvLSTM update from the gate pre-activations g [B, 4C, H, W] (order i, f, o, u).
-
-    Returns (H_t [B, C, H, W], C_t); C_t is kept in the cell's own arrangement (see below) and
-    only ever passed back to this function.
-
-    Written with fused multiply-adds (addcmul) and, when no gradient is needed, in-place
-    updates: the gates are memory-bound, so fewer passes over them is what makes them fast.
-    With channels-last gates the arithmetic runs on the [B, H, W, 4C] view, where each gate is
-    a run of C contiguous values per pixel: results then come out in the same order as their
-    inputs and the loops vectorise (tanh of a channel slice taken in [B, C, H, W] order was
-    measured 6x slower, 10.4 vs 1.8 ms at batch 64, N = 38).
-    """
-    nhwc = not g.is_contiguous() and g.is_contiguous(memory_format=torch.channels_last)
-    if nhwc:
-        g = g.permute(0, 2, 3, 1)
-        if wc is not None:
-            wc = wc.permute(0, 2, 3, 1)
-    gi, gf, go, gu = g.chunk(4, dim=-1 if nhwc else 1)
-    if wc is not None and wc.dtype != g.dtype:  # under autocast the gates come out in half precision
-        wc = wc.to(g.dtype)
-    h, c = _lstm_gates(gi, gf, go, gu, c, wc)
-    return (h.permute(0, 3, 1, 2) if nhwc else h), c
-
-
-def _lstm_gates(gi, gf, go, gu, c, wc):
-    """The LSTM arithmetic on four same-shaped gate tensors (any arrangement, wc matching)."""
-    if c is None:  # C_{t-1} = 0: the forget gate and the input/forget peepholes drop out
-        c = torch.sigmoid(gi) * torch.tanh(gu)
-    elif not torch.is_grad_enabled():
-        if wc is not None:
-            gi = torch.addcmul(gi, wc[0], c)
-            gf = torch.addcmul(gf, wc[1], c)
-        c = torch.addcmul(torch.sigmoid(gf).mul_(c), torch.sigmoid(gi), torch.tanh(gu))
-    else:
-        if wc is not None:
-            gi = torch.addcmul(gi, wc[0], c)
-            gf = torch.addcmul(gf, wc[1], c)
-        c = torch.addcmul(torch.sigmoid(gf) * c, torch.sigmoid(gi), torch.tanh(gu))
-    if wc is not None:
-        go = torch.addcmul(go, wc[2], c)
-    if not torch.is_grad_enabled():
-        return torch.sigmoid(go).mul_(torch.tanh(c)), c
-    return torch.sigmoid(go) * torch.tanh(c), c
-
-
-def _flat(h: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, C*H*W] in memory order (a view for contiguous and channels-last maps)."""
-    if h.is_contiguous():
-        return h.view(h.shape[0], -1)
-    if h.is_contiguous(memory_format=torch.channels_last):
-        return h.permute(0, 2, 3, 1).reshape(h.shape[0], -1)
-    return h.reshape(h.shape[0], -1)
-
-
-def attend(hs: list[torch.Tensor], chi: float) -> torch.Tensor:
-    """Temporal attention (MSCRED eq. 4): sum_k softmax_k(<H_k, H_last> / chi) H_k.
-
-    ``hs``: the T hidden states, each [B, C, H, W] -> [B, C, H, W]. Logits are computed in
-    float32 even under autocast: inner products of large maps overflow half precision.
-    """
-    with torch.autocast(hs[-1].device.type, enabled=False):
-        last = _flat(hs[-1]).float().unsqueeze(2)
-        logits = torch.stack([torch.bmm(_flat(h).float().unsqueeze(1), last).view(-1) for h in hs], 1)
-        w = torch.softmax(logits / chi, dim=1).to(hs[-1].dtype)  # [B, T]
-    out = hs[-1] * w[:, -1, None, None, None]
-    for k in range(len(hs) - 1):
-        out = out.addcmul_(hs[k], w[:, k, None, None, None])
-    return out
-
-
-class MSCRED(nn.Module):
-    """The network: [B, step, S, N, N] signature windows -> [B, S, N, N] reconstruction of the last."""
-
-    def __init__(self, cfg: MSCREDConfig):
-        super().__init__()
-        self.cfg = cfg
-        n1, n2, n3, n4 = self.sizes = level_sizes(cfg.n_features)
-        c1, c2, c3, c4 = cfg.channels
-        s = cfg.n_scales
-        self.conv1 = nn.Conv2d(s, c1, 3, stride=1, padding=1)
-        self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
-        self.conv3 = nn.Conv2d(c2, c3, 2, stride=2)
-        self.conv4 = nn.Conv2d(c3, c4, 2, stride=2)
-        self.lstm1 = ConvLSTM(c1, n1, cfg.peephole)
-        self.lstm2 = ConvLSTM(c2, n2, cfg.peephole)
-        self.lstm3 = ConvLSTM(c3, n3, cfg.peephole)
-        self.lstm4 = ConvLSTM(c4, n4, cfg.peephole)
-        self.deconv4 = nn.ConvTranspose2d(c4, c3, 2, stride=2)  # n4 -> 2 n4, cropped to n3
-        self.deconv3 = nn.ConvTranspose2d(2 * c3, c2, 2, stride=2)  # n3 -> 2 n3, cropped to n2
-        # 3x3/s2/p1 gives 2 n2 - 1 + output_padding: output_padding 1 when N is even.
-        self.deconv2 = nn.ConvTranspose2d(2 * c2, c1, 3, stride=2, padding=1, output_padding=(n1 + 1) % 2)
-        self.deconv1 = nn.ConvTranspose2d(2 * c1, s, 3, stride=1, padding=1)
-
-    def use_channels_last(self, enabled: bool = True, min_size: int = 8) -> "MSCRED":
-        """Put the weights in NHWC (channels-last) layout, except ConvLSTMs whose maps are smaller
-        than ``min_size`` (oneDNN's NHWC kernels lose to NCHW on tiny maps such as 5 x 5).
-
-        Measured on this project's 2-core Xeon (AVX-512), N = 38, batch 64, one thread:
-        all NCHW 113, all NHWC 112, NHWC except the 5 x 5 level 125 GFLOP per CPU-second.
-        The numbers the model computes are the same (up to float rounding order).
-        """
-        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
-        if enabled:
-            for lstm, size in zip((self.lstm1, self.lstm2, self.lstm3, self.lstm4), self.sizes):
-                if size < min_size:
-                    lstm.to(memory_format=torch.contiguous_format)
-        return self
-
-    @staticmethod
-    def _to(lstm: "ConvLSTM", e: torch.Tensor) -> torch.Tensor:
-        """``e`` in the memory layout of ``lstm``'s weights (each level may use its own)."""
-        w = lstm.wx.weight
-        if w.is_contiguous():
-            return e.contiguous()
-        return e.contiguous(memory_format=torch.channels_last)
-
-    @staticmethod
-    def _pad_odd(x: torch.Tensor) -> torch.Tensor:
-        """Pad one row/column at the bottom/right when the map is odd ("SAME" for 2x2/s2)."""
-        p = x.shape[-1] % 2
-        return F.pad(x, (0, p, 0, p)) if p else x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        if x.dim() != 5 or tuple(x.shape[1:]) != (cfg.step, cfg.n_scales, cfg.n_features, cfg.n_features):
-            raise ValueError(
-                f"MSCRED expects windows [B, {cfg.step}, {cfg.n_scales}, {cfg.n_features}, {cfg.n_features}], "
-                f"got {list(x.shape)}")
-        b, t = x.shape[:2]
-        n1, n2, n3, n4 = self.sizes
-        z = x.flatten(0, 1)  # every time step through the same encoder, as one batch
-        ip = not torch.is_grad_enabled()  # in place when no gradient is needed: one pass less
-        e1 = F.selu(self.conv1(z), inplace=ip)
-        e2 = F.selu(self.conv2(e1), inplace=ip)
-        e3 = F.selu(self.conv3(self._pad_odd(e2)), inplace=ip)
-        e4 = F.selu(self.conv4(self._pad_odd(e3)), inplace=ip)
-        chi = cfg.chi
-        a1, a2, a3, a4 = (attend(lstm(self._to(lstm, e).view(b, t, *e.shape[1:])), chi)
-                          for lstm, e in ((self.lstm1, e1), (self.lstm2, e2), (self.lstm3, e3), (self.lstm4, e4)))
-        d4 = F.selu(self.deconv4(a4), inplace=ip)[:, :, :n3, :n3]
-        d3 = F.selu(self.deconv3(torch.cat([d4, a3], 1)), inplace=ip)[:, :, :n2, :n2]
-        d2 = F.selu(self.deconv2(torch.cat([d3, a2], 1)), inplace=ip)
-        return self.deconv1(torch.cat([d2, a1], 1))
-
-
-def reconstruction_loss(model: MSCRED, x: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the reconstruction and the last signature tensor (paper eq. 5)."""
-    out = model(x)
-    return F.mse_loss(out.float(), x[:, -1].float())
-
-
-def weights_hash(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over tensor names, dtypes, shapes and bytes (in name order): identifies a trained model."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu")
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        if t.numel():  # bytes in logical (row-major) order, whatever the memory layout
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def pick_device(device: "str | torch.device | None" = None) -> torch.device:
-    """``None``/"auto": CUDA when available, else CPU."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device, torch.device):
-        d = device
-    else:
-        try:
-            d = torch.device(device)
-        except RuntimeError as e:
-            raise ValueError(f"device {device!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:N") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
-                         "use --device cpu")
-    return d
 
 
 def default_threads() -> int:
@@ -393,52 +74,8 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@dataclass
-class ScoreStats:
-    """Statistics of a score on normal validation windows, for threshold calibration."""
-
-    n: int
-    max: float
-    mean: float
-    std: float
-    q50: float
-    q90: float
-    q95: float
-    q99: float
-    q999: float
-
-    @classmethod
-    def of(cls, s: np.ndarray) -> "ScoreStats":
-        s = np.asarray(s, np.float64)
-        if s.size == 0:
-            return cls(0, *([math.nan] * 8))
-        q = np.quantile(s, [0.5, 0.9, 0.95, 0.99, 0.999])
-        return cls(int(s.size), float(s.max()), float(s.mean()), float(s.std()), *map(float, q))
-
-
-@dataclass
-class Calibration:
-    """Validation score statistics per score kind, and the reference threshold beta * max."""
-
-    stats: dict[str, ScoreStats] = field(default_factory=dict)
-    beta: float = DEFAULT_BETA
-
-    def threshold(self, kind: str) -> float | None:
-        st = self.stats.get(kind)
-        if st is None or st.n == 0:
-            return None
-        return float(self.beta * st.max)
-
-    def to_dict(self) -> dict:
-        return {"beta": self.beta, "stats": {k: asdict(v) for k, v in self.stats.items()}}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Calibration":
-        return cls({k: ScoreStats(**v) for k, v in d.get("stats", {}).items()}, float(d.get("beta", DEFAULT_BETA)))
-
-
 class MSCREDScorer(Scorer):
-    """MSCRED behind the :class:`~detector.base.Scorer` interface.
+    """MSCRED behind the :class:`~osad.detector.base.Scorer` interface.
 
     Construct empty and :meth:`fit` on normal windows, or load a trained one with
     :meth:`from_checkpoint`. :meth:`score` returns one score per window, per-feature
@@ -446,10 +83,13 @@ class MSCREDScorer(Scorer):
     plus ``sse`` and ``broken`` (both score kinds), for severity and diagnosis.
 
     ``features``, ``scales``, ``gap``, ``step`` and ``ranges`` describe the windows the model
-    was trained on; :meth:`check_window` tells whether an incoming window matches them.
+    was trained on (:attr:`window`, :attr:`scaling_id`); :meth:`check_window` tells whether an
+    incoming window matches them. Its :attr:`threshold` is the calibrated ``beta * max`` of its
+    score on validation windows.
     """
 
     needs_fit = True
+    uses_signatures = True
 
     def __init__(self, features=None, *, scales=DEFAULT_SCALES, gap: int = DEFAULT_GAP, step: int = DEFAULT_STEP,
                  ranges: Ranges | None = None, config: MSCREDConfig | None = None, score_kind: str = "sse",
@@ -473,7 +113,8 @@ class MSCREDScorer(Scorer):
         # NHWC (channels-last) layout for the levels with larger maps: faster oneDNN convolutions
         # (see MSCRED.use_channels_last and docs/benchmarks.md); numerically the same model.
         self.channels_last = bool(channels_last)
-        self.train_info: dict = {}
+        self._train_info: dict = {}
+        self._threads_option = threads
         self.threads = int(threads) if threads else default_threads()
         #: CPU batches of at least ``2 * threads`` windows are scored as ``threads`` slices in parallel
         #: (one core each) instead of with ``threads`` OpenMP threads per operation; see :meth:`_forward`.
@@ -483,8 +124,17 @@ class MSCREDScorer(Scorer):
             torch.set_num_threads(self.threads)
         self.model: MSCRED | None = None
         self._model_id: str | None = None
+        self.checkpoint_path: str | None = None  # the file it was loaded from
+        self.checkpoint_meta: dict | None = None  # that file's metadata document
         if config is not None:
             self._build(config)
+
+    def options(self) -> dict[str, Any]:
+        return dict(features=None if self.features is None else list(self.features), scales=self.scales,
+                    gap=self.gap, step=self.step, ranges=self.ranges, config=self.config, score_kind=self.score_kind,
+                    theta=self.theta, beta=self.calibration.beta, device=self.device, amp=self.amp,
+                    threads=self._threads_option, batch_size=self.batch_size, channels_last=self.channels_last,
+                    slice_batches=self.slice_batches)
 
     # ----------------------------------------------------------------------------- state
     def _build(self, cfg: MSCREDConfig) -> None:
@@ -509,6 +159,27 @@ class MSCREDScorer(Scorer):
     def threshold(self) -> float | None:
         """Reference threshold beta * max(validation score) for the current score kind."""
         return self.calibration.threshold(self.score_kind)
+
+    @property
+    def window(self) -> WindowSpec:
+        return WindowSpec(gap=self.gap, features=None if self.features is None else tuple(self.features),
+                          scales=self.scales, step=self.step)
+
+    @property
+    def scaling_id(self) -> str | None:
+        """The scaling of its ranges; without ranges (trained online on one entity's windows), the scaling
+        its training windows had, if recorded; None: any."""
+        if self.ranges is not None:
+            return self.ranges.scaling_id
+        return self._train_info.get("scaling_id") or None
+
+    @property
+    def train_info(self) -> dict:
+        return self._train_info
+
+    def annotate(self, **info) -> None:
+        """Add to :attr:`train_info` (e.g. where the training windows came from); saved with the checkpoint."""
+        self._train_info = {**self._train_info, **info}
 
     @property
     def scale_index(self) -> int:
@@ -556,11 +227,9 @@ class MSCREDScorer(Scorer):
     def fit(self, windows: WindowBatch, val: WindowBatch | None = None, **train_options) -> "MSCREDScorer":
         """Train on normal windows (in time order); calibrate on ``val`` or a held-out tail.
 
-        ``train_options`` go to :class:`detector.train.TrainConfig` (epochs, batch_size, patience,
-        val_fraction, lr, seed, progress, ...).
+        ``train_options`` are :class:`~osad.detector.train.TrainConfig`'s (epochs, batch_size,
+        patience, val_fraction, lr, seed, progress, ...).
         """
-        from osad.detector.train import TrainConfig, fit_scorer
-
         sig = self._check_batch(windows)
         if self.features is None:
             self.features = [f"f{i + 1:02d}" for i in range(sig.shape[-1])]
@@ -570,16 +239,64 @@ class MSCREDScorer(Scorer):
             self._build(MSCREDConfig(n_features=sig.shape[-1], n_scales=sig.shape[2], step=sig.shape[1]))
         val_sig = None if val is None else self._check_batch(val)
         train_options.setdefault("amp", self.amp)
-        fit_scorer(self, sig, val_sig, TrainConfig(**train_options))
-        self._model_id = None
+        self._train(sig, val_sig, TrainConfig(**train_options))
         return self
 
-    # ----------------------------------------------------------------------------- score
-    def _autocast(self):
-        if self.amp:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
+    def fit_training_windows(self, data: TrainingWindows, config: TrainConfig) -> "MSCREDScorer":
+        """Train on prepared windows (``osad train``): their features, scaling ranges and own validation
+        windows; ``train_info["source"]`` records where they came from."""
+        if len(data.train) == 0:
+            raise ValueError(f"no training windows from {data.source.get('path')}; give more data or a smaller "
+                             "--val-fraction")
+        if self.model is None:
+            self._build(MSCREDConfig(n_features=data.train.shape[-1], n_scales=data.train.shape[2],
+                                     step=data.train.shape[1]))
+        self.features = list(data.features)
+        self.ranges = data.ranges
+        self._train(data.train, data.val, config)
+        self._train_info["source"] = data.source
+        return self
 
+    def _train(self, train: np.ndarray, val: np.ndarray | None, cfg: TrainConfig) -> None:
+        """Train the model from a fresh, seeded initialisation and calibrate its scores.
+
+        With ``val`` None, the last ``cfg.val_fraction`` of ``train`` (time-ordered windows of one
+        series) is held out, minus the windows that overlap it.
+        """
+        if val is None:
+            tr, va = split_ends(np.arange(len(train)), cfg.val_fraction,
+                                overlap_windows(self.scales, self.gap, self.step))
+            train, val = train[tr], train[va]
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self._build(self.config)  # fresh weights from the seed: fit is deterministic
+        self.model.train()
+        say(cfg, f"training MSCRED ({self.config.n_features} features, scales {list(self.scales)}, step "
+                 f"{self.step}) on {len(train)} windows, validating on {len(val)}, device {self.device}"
+                 f"{', bf16 autocast' if cfg.amp else ''}, {torch.get_num_threads()} threads")
+        t0 = time.perf_counter()
+        result = train_model(self.model, train, val, cfg, self.device)
+        out = self.score_residuals(self.residuals(val if len(val) else train))
+        self.calibration = Calibration({"sse": ScoreStats.of(out.detail["sse"]),
+                                        "broken": ScoreStats.of(out.detail["broken"])}, beta=self.calibration.beta)
+        self._train_info = {
+            "config": asdict(cfg),
+            "windows": {"train": int(len(train)), "val": int(len(val))},
+            "calibrated_on": "validation" if len(val) else "training windows (no validation split)",
+            "best_epoch": result["best_epoch"],
+            "best_val_loss": result["best_val_loss"],
+            "stopped_early": result["stopped_early"],
+            "epochs": [{k: round(v, 6) if isinstance(v, float) else v for k, v in h.items()}
+                       for h in result["history"]],
+            "seconds": round(time.perf_counter() - t0, 3),
+            "device": str(self.device),
+        }
+        self._model_id = None
+        st = self.calibration.stats[self.score_kind]
+        say(cfg, f"validation {self.score_kind} score: max {st.max:.4g}, mean {st.mean:.4g}, q99 {st.q99:.4g}; "
+                 f"threshold {self.calibration.beta} * max = {self.threshold:.4g}")
+
+    # ----------------------------------------------------------------------------- score
     @torch.inference_mode()
     def residuals(self, signatures: np.ndarray) -> np.ndarray:
         """Squared residuals (M - M_hat)^2 of the last step, [B, S, N, N] float32."""
@@ -596,7 +313,7 @@ class MSCREDScorer(Scorer):
         return out
 
     def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), self._autocast():  # both are per-thread settings
+        with torch.inference_mode(), autocast(self.device, self.amp):  # both are per-thread settings
             return self.model(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -613,8 +330,6 @@ class MSCREDScorer(Scorer):
         if self.device.type != "cpu" or not self.slice_batches or t < 2 or len(x) < 2 * t:
             return self._forward_one(x)
         if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool = ThreadPoolExecutor(t, thread_name_prefix="mscred")
         prev = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -649,20 +364,39 @@ class MSCREDScorer(Scorer):
         return ScoreBatch(scores=np.asarray(scores, np.float64), contributions=contrib, detail=detail)
 
     # ----------------------------------------------------------------------------- checkpoints
-    def save(self, path) -> str:
-        """Write a safetensors checkpoint (see detector.checkpoint). Returns its content hash."""
-        from osad.detector.checkpoint import save_checkpoint
+    def parts(self) -> CheckpointParts:
+        """What a checkpoint of this scorer holds."""
+        if self.model is None:
+            raise CheckpointError("nothing to save: the MSCRED scorer has not been trained")
+        return CheckpointParts(features=list(self.features), scales=self.scales, gap=self.gap, step=self.step,
+                               ranges=self.ranges, config=self.config, score_kind=self.score_kind, theta=self.theta,
+                               calibration=self.calibration, train_info=self._train_info,
+                               weights=self.model.state_dict())
 
-        return save_checkpoint(self, path)
+    def save(self, path) -> str:
+        """Write a safetensors checkpoint (see :mod:`osad.detector.checkpoint`). Returns its content hash."""
+        return save_checkpoint(self.parts(), path)
 
     @classmethod
     def from_checkpoint(cls, path, *, device: str | None = None, amp: bool = False, score_kind: str | None = None,
                         threads: int | None = None, batch_size: int = 256) -> "MSCREDScorer":
         """Load a checkpoint written by ``osad train`` (weights and metadata verified)."""
-        from osad.detector.checkpoint import load_checkpoint
-
-        return load_checkpoint(path, device=device, amp=amp, score_kind=score_kind, threads=threads,
-                               batch_size=batch_size)
+        parts = load_checkpoint(path)
+        device = pick_device(device)  # its own error (no CUDA) is not the checkpoint's fault
+        try:
+            sc = cls(parts.features, scales=parts.scales, gap=parts.gap, step=parts.step, ranges=parts.ranges,
+                     config=parts.config, score_kind=score_kind or parts.score_kind, theta=parts.theta,
+                     beta=parts.calibration.beta, device=device, amp=amp, threads=threads, batch_size=batch_size)
+        except (KeyError, TypeError, ValueError) as e:
+            raise inconsistent(path, e) from None
+        check_weights_fit(path, sc.model.state_dict(), parts.weights)
+        with torch.no_grad():
+            sc.model.load_state_dict(parts.weights, strict=True)
+        sc.calibration = parts.calibration
+        sc._train_info = parts.train_info
+        sc.checkpoint_meta = parts.meta
+        sc.checkpoint_path = str(path)
+        return sc
 
     def severity(self, detail: dict[str, np.ndarray], index: int) -> str:
         """Paper's severity from which scales break: only the smallest -> short, up to the middle ->

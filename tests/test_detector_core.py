@@ -3,7 +3,8 @@
 import numpy as np
 
 from osad.detector.cs import CSScorer
-from osad.detector.service import Detector
+from osad.detector.engine import Engine, EngineConfig
+from osad.detector.service import BatchConfig, Detector
 from osad.runtime.service import InputMeta
 from osad.schemas import SignatureWindow
 
@@ -24,7 +25,7 @@ def test_entity_switches_to_its_calibrated_scorer_which_keeps_a_sustained_shift_
     latent = np.sin(t / np.array([[7.0, 11.0, 17.0]]))  # 10 correlated metrics driven by 3 signals
     x = 0.5 + 0.1 * latent @ rng.normal(size=(3, 10)) + 0.01 * rng.normal(size=(600, 10))
     x[500:, 2] += 1.0  # a sustained level shift of one metric from sample 500 on
-    det = Detector(CSScorer(gap=5, max_iter=200), max_batch=1, cs_calibrate=30)
+    det = Detector(Engine(CSScorer(gap=5, max_iter=200), EngineConfig(cs_calibrate=30)), BatchConfig(max_batch=1))
     outs = []
     for i, w in enumerate(windows(x)):
         outs += det.process_batch([(w, InputMeta("t", 0, i))])
@@ -46,7 +47,7 @@ def test_windows_after_the_calibrating_one_in_the_same_batch_get_the_calibrated_
     rng = np.random.default_rng(1)
     x = 0.5 + 0.1 * rng.normal(size=(400, 4))
     wins = windows(x)  # 69 windows
-    det = Detector(CSScorer(gap=5, max_iter=100), max_batch=40, cs_calibrate=10)
+    det = Detector(Engine(CSScorer(gap=5, max_iter=100), EngineConfig(cs_calibrate=10)), BatchConfig(max_batch=40))
     outs = det.process_batch([(w, InputMeta("t", 0, i)) for i, w in enumerate(wins[:40])])
     by_seq = {o.msg.window_end_seq: o.msg.model_id for o in outs}
     assert len(by_seq) == 40
@@ -54,7 +55,7 @@ def test_windows_after_the_calibrating_one_in_the_same_batch_get_the_calibrated_
     assert all(m.startswith("cs-jumpstarter") for m in ordered[:10])
     assert all(":fitted:" in m for m in ordered[10:])
     # and no second calibration buffer was started for the entity
-    assert not det._cal_buf
+    assert not det.engine.calibrating
 
 
 def test_queued_windows_set_the_runners_poll_deadline():
@@ -66,7 +67,8 @@ def test_queued_windows_set_the_runners_poll_deadline():
     from osad.runtime.service import poll_timeout_ms
 
     now = [100.0]
-    det = Detector(CSScorer(gap=5, max_iter=50), max_batch=64, max_wait_ms=20.0, clock=lambda: now[0])
+    det = Detector(Engine(CSScorer(gap=5, max_iter=50), EngineConfig(cs_calibrate=0)),
+                   BatchConfig(max_batch=64, max_wait_ms=20.0), clock=lambda: now[0])
     assert det.next_deadline() is None and poll_timeout_ms(200, det.next_deadline()) == 200
     rng = np.random.default_rng(2)
     w = windows(0.5 + 0.1 * rng.normal(size=(80, 4)))

@@ -15,7 +15,8 @@ pytest.importorskip("safetensors")
 from osad.core.signature import Ranges, signature_windows, window_ends  # noqa: E402
 from osad.detector.base import WindowBatch  # noqa: E402
 from osad.detector.checkpoint import CheckpointError, load_checkpoint, read_metadata  # noqa: E402
-from osad.detector.mscred import MSCRED, MSCREDConfig, MSCREDScorer, level_sizes  # noqa: E402
+from osad.detector.mscred import MSCREDScorer  # noqa: E402
+from osad.detector.mscred_net import MSCRED, MSCREDConfig, level_sizes  # noqa: E402
 from osad.detector.train import dataset_windows, samples_windows  # noqa: E402
 
 SCALES, GAP, STEP = (10, 30, 60), 10, 5
