@@ -114,7 +114,13 @@ def register(sub) -> None:
 
 @dataclass(frozen=True)
 class AlertConfig(Config):
-    """``osad alert``: the broker, the service, where anomalies go, and the engine's rules."""
+    """turn scores into anomalies: thresholds, incidents, root cause, storage (service)
+
+    Consume Scores, choose a threshold per (entity, model) without labels, group consecutive windows over
+    threshold into one incident per entity (published as open, update, closed on the anomalies topic, keyed by
+    entity id) with its severity and root-cause features; keep anomalies and the state a restart needs in
+    --store; also post them to --webhook URLs and append them to --jsonl. See docs/alerter.md.
+    """
 
     kafka: KafkaConfig = section(KafkaConfig)
     service: ServiceConfig = section(ServiceConfig, group="osad-alerter")
@@ -136,15 +142,7 @@ class AlertConfig(Config):
 
 
 def _register_alert(sub) -> None:
-    p = sub.add_parser(
-        "alert", help="turn scores into anomalies: thresholds, incidents, root cause, storage (service)",
-        description="Consume Scores, choose a threshold per (entity, model) without labels, group consecutive "
-        "windows over threshold into one incident per entity (published as open, update, closed on the anomalies "
-        "topic, keyed by entity id) with its severity and root-cause features; keep anomalies and the state a "
-        "restart needs in --store; also post them to --webhook URLs and append them to --jsonl. "
-        "See docs/alerter.md.")
-    AlertConfig.add_arguments(p)
-    p.set_defaults(func=run_alert)
+    AlertConfig.add_command(sub, "alert", run_alert)
 
 
 def run_alert(args) -> int:
@@ -183,42 +181,44 @@ def run_alert(args) -> int:
 
 @dataclass(frozen=True)
 class ListConfig(Config):
-    """``osad anomalies list``: which anomalies of the store, and how to print them."""
+    """anomalies, most recently active first
+
+    Anomalies from --store, most recently active first, filtered.
+    """
 
     store: str = _store()
-    entity: str | None = setting(None, env=False, help="only this entity id (a trailing * matches a prefix)")
-    severity: list[str] | None = setting(None, env=False, parse=_severities,
+    entity: str | None = setting(None, env="OSAD_ANOMALIES_ENTITY",
+                                 help="only this entity id (a trailing * matches a prefix)")
+    severity: list[str] | None = setting(None, env="OSAD_ANOMALIES_SEVERITY", parse=_severities,
                                          help="only these severities, comma-separated (low, medium, high, critical)")
-    status: list[str] | None = setting(None, env=False, parse=_statuses,
+    status: list[str] | None = setting(None, env="OSAD_ANOMALIES_STATUS", parse=_statuses,
                                        help="open (still open: status open or update), closed, or update; "
                                        "comma-separated")
-    since: float | None = setting(None, env=False, parse=parse_since,
+    since: float | None = setting(None, env="OSAD_ANOMALIES_SINCE", parse=parse_since,
                                   help="only anomalies active since: 30m, 2h, 7d ago, Unix seconds, or an ISO "
                                   "date/time")
-    limit: int = setting(100, env=False, check=positive, help="most rows")
-    json: bool = setting(False, env=False, help="print a JSON array of the anomalies")
+    limit: int = setting(100, env="OSAD_ANOMALIES_LIMIT", check=positive, help="most rows")
+    json: bool = setting(False, env="OSAD_ANOMALIES_JSON", help="print a JSON array of the anomalies")
 
 
 @dataclass(frozen=True)
 class ShowConfig(Config):
-    """``osad anomalies show``: one anomaly of the store."""
+    """one anomaly in full
+
+    One anomaly from --store, in full.
+    """
 
     id: str = setting(positional=True, help="anomaly id (or a unique prefix of at least 6 characters)")
     store: str = _store()
-    json: bool = setting(False, env=False, help="print the anomaly's JSON")
+    json: bool = setting(False, env="OSAD_ANOMALIES_JSON", help="print the anomaly's JSON")
 
 
 def _register_anomalies(sub) -> None:
     p = sub.add_parser("anomalies", help="list or show the anomalies in the alerter's store",
                        description="Read the anomalies the alerter stored (the latest revision of each).")
     s = p.add_subparsers(dest="anomalies_command", metavar="{list,show}")
-    ls = s.add_parser("list", help="anomalies, most recently active first",
-                      description="Anomalies from --store, most recently active first, filtered.")
-    ListConfig.add_arguments(ls)
-    ls.set_defaults(func=run_list)
-    sh = s.add_parser("show", help="one anomaly in full", description="One anomaly from --store, in full.")
-    ShowConfig.add_arguments(sh)
-    sh.set_defaults(func=run_show)
+    ListConfig.add_command(s, "list", run_list)
+    ShowConfig.add_command(s, "show", run_show)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
@@ -308,25 +308,28 @@ def run_show(args) -> int:
 
 @dataclass(frozen=True)
 class TailConfig(KafkaConfig):
-    """``osad tail``: the broker (no consumer group), which anomalies, and how to show them."""
+    """watch anomalies arrive on the topic (live table)
 
-    from_beginning: bool = setting(False, env=False, help="also show anomalies published before now")
-    entity: re.Pattern | None = setting(None, env=False, parse=_regex, help="only entity ids matching this regex")
-    min_severity: Severity = setting("low", env=False, choices=SEVERITIES, help="hide anomalies below this severity")
-    once: bool = setting(False, env=False,
+    Read the anomalies topic without a consumer group (from now, or from the beginning) and show a live table of
+    incidents, one row each (its latest revision).
+    """
+
+    from_beginning: bool = setting(False, env="OSAD_TAIL_FROM_BEGINNING",
+                                   help="also show anomalies published before now")
+    entity: re.Pattern | None = setting(None, env="OSAD_TAIL_ENTITY", parse=_regex,
+                                        help="only entity ids matching this regex")
+    min_severity: Severity = setting("low", env="OSAD_TAIL_MIN_SEVERITY", choices=SEVERITIES,
+                                     help="hide anomalies below this severity")
+    once: bool = setting(False, env="OSAD_TAIL_ONCE",
                          help="read what is on the topic now (or until --timeout), print the table once and exit")
-    timeout: float | None = setting(None, env=False, check=positive,
+    timeout: float | None = setting(None, env="OSAD_TAIL_TIMEOUT", check=positive,
                                     help="stop after this many seconds (prints the final table)")
-    rows: int = setting(30, env=False, check=positive, help="most rows shown (most recent first)")
-    json: bool = setting(False, env=False, help="print each matching anomaly state as one JSON line instead")
+    rows: int = setting(30, env="OSAD_TAIL_ROWS", check=positive, help="most rows shown (most recent first)")
+    json: bool = setting(False, env="OSAD_TAIL_JSON", help="print each matching anomaly state as one JSON line instead")
 
 
 def _register_tail(sub) -> None:
-    p = sub.add_parser("tail", help="watch anomalies arrive on the topic (live table)",
-                       description="Read the anomalies topic without a consumer group (from now, or from the "
-                       "beginning) and show a live table of incidents, one row each (its latest revision).")
-    TailConfig.add_arguments(p)
-    p.set_defaults(func=run_tail)
+    TailConfig.add_command(sub, "tail", run_tail)
 
 
 def run_tail(args) -> int:
@@ -348,24 +351,24 @@ _REPORT_EXAMPLES = """examples:
 
 @dataclass(frozen=True)
 class ReportConfig(KafkaConfig):
-    """``osad report``: which entity, where to draw it, and where its data comes from."""
+    """an image (PNG, or HTML with a table) of one entity's metrics, scores, thresholds and anomalies"""
 
     entity: str | None = setting(None, positional=True, nargs="?", metavar="ENTITY",
                                  help="entity id, e.g. 'web-1/4242@887123'; leave out to list the entities that "
                                  "have data")
-    out: str | None = setting(None, env=False, aliases=("-o",), metavar="FILE",
+    out: str | None = setting(None, env="OSAD_REPORT_OUT", aliases=("-o",), metavar="FILE",
                               help="where to write: FILE.png (the image) or FILE.html (the image and a table of the "
                               "anomalies), e.g. --out report.html")
-    features: list[str] | None = setting(None, env=False, parse=_names, metavar="A,B",
+    features: list[str] | None = setting(None, env="OSAD_REPORT_FEATURES", parse=_names, metavar="A,B",
                                          help="metrics to plot, comma-separated, e.g. --features "
                                          "on_cpu_ns,rss_anon_bytes (default: the anomalies' root causes, then the "
                                          "most variable metrics)")
-    max_features: int = setting(8, env=False, check=positive, metavar="N",
+    max_features: int = setting(8, env="OSAD_REPORT_MAX_FEATURES", check=positive, metavar="N",
                                 help="most metrics plotted when --features is not given, e.g. --max-features 12")
-    since: float | None = setting(None, env=False, parse=parse_since, metavar="WHEN",
+    since: float | None = setting(None, env="OSAD_REPORT_SINCE", parse=parse_since, metavar="WHEN",
                                   help="only data from then on: 30m, 2h, 7d ago, Unix seconds or an ISO date/time, "
                                   "e.g. --since 2h")
-    until: float | None = setting(None, env=False, parse=parse_since, metavar="WHEN",
+    until: float | None = setting(None, env="OSAD_REPORT_UNTIL", parse=parse_since, metavar="WHEN",
                                   help="only data up to then, same forms as --since, e.g. --until 15m (15 minutes "
                                   "ago)")
     threshold: list[tuple[str, float]] = setting(
@@ -386,9 +389,12 @@ class ReportConfig(KafkaConfig):
 
 
 def _register_report(sub) -> None:
-    p = sub.add_parser(
-        "report", help="an image (PNG, or HTML with a table) of one entity's metrics, scores, thresholds and anomalies",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_REPORT_EXAMPLES,
+    ReportConfig.add_command(
+        sub,
+        "report",
+        run_report,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_REPORT_EXAMPLES,
         description="""\
 Draw one entity's metrics over time (the anomalies' root-cause features and the most
 variable metrics, each min-max normalised), a panel per model with its score and its
@@ -396,9 +402,8 @@ threshold (dashed), and every anomaly shaded with its severity and top root-caus
 
 Samples and Scores come from the topics (read from the beginning, no consumer group) or from
 --from-jsonl files; anomalies and the thresholds the alerter chose from --store (the anomalies
-topic when that store does not exist). See docs/alerter.md, "Reports".""")
-    ReportConfig.add_arguments(p)
-    p.set_defaults(func=run_report)
+topic when that store does not exist). See docs/alerter.md, "Reports".""",
+    )
 
 
 def run_report(args) -> int:

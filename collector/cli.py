@@ -29,15 +29,14 @@ def register(sub) -> None:
 
 
 def register_collect(sub) -> None:
-    p = sub.add_parser(
-        "collect", help="watch processes with eBPF and publish per-process Samples",
-        description="Watch processes with eBPF (tracepoints and uprobes, aggregated in kernel maps, drained "
-        "every interval) and publish one Sample per process per interval to the samples topic, or record "
-        "them to a file. Without eBPF (not root, no bcc, no kernel headers) it samples /proc instead.",
+    CollectorConfig.add_command(
+        sub,
+        "collect",
+        run_collect,
+        exclude=("group",),
         epilog="Metrics are documented in docs/metrics.md. Examples: osad collect --command 'make -j2' "
-        "--follow-children --output jsonl:build.jsonl; osad collect --all --max-processes 50.")
-    CollectorConfig.add_arguments(p, exclude=("group",))  # no consumer group: the collector reads no topic
-    p.set_defaults(func=run_collect)
+        "--follow-children --output jsonl:build.jsonl; osad collect --all --max-processes 50.",
+    )
 
 
 def run_collect(args: argparse.Namespace) -> int:

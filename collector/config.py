@@ -44,8 +44,12 @@ class TargetConfig(Config):
 
 @dataclass(frozen=True)
 class CollectorConfig(Config):
-    """Everything ``osad collect`` is told. The engine (``loop.Collector``) reads the sampling
-    settings; the command reads the rest (targets, output, duration, broker, status port)."""
+    """watch processes with eBPF and publish per-process Samples
+
+    Watch processes with eBPF (tracepoints and uprobes, aggregated in kernel maps, drained every interval) and
+    publish one Sample per process per interval to the samples topic, or record them to a file. Without eBPF
+    (not root, no bcc, no kernel headers) it samples /proc instead.
+    """
 
     targets: TargetConfig = section(TargetConfig)
     per_thread: bool = setting(False, flag="--threads", env="OSAD_COLLECT_THREADS",  # OSAD_THREADS: the detector's

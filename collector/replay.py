@@ -29,7 +29,7 @@ DEFAULT_START_TS = 1_700_000_000.0
 
 @dataclass(frozen=True)
 class ReplayConfig(Config):
-    """What ``osad replay`` is told: the data set, which rows, how fast, and where to publish."""
+    """publish a benchmark data set (SMD/ASD/JumpStarter layout) as Samples"""
 
     dir: str = setting(positional=True,
                        help="data set folder holding train/ (and test/), e.g. ../shared/datasets/SMD")
@@ -163,7 +163,4 @@ def replay(cfg: ReplayConfig) -> int:
 
 
 def register_replay(sub) -> None:
-    p = sub.add_parser("replay", help="publish a benchmark data set (SMD/ASD/JumpStarter layout) as Samples",
-                       description=__doc__)
-    ReplayConfig.add_arguments(p, exclude=("group",))  # replay consumes nothing: no consumer group
-    p.set_defaults(func=run)
+    ReplayConfig.add_command(sub, "replay", run, exclude=("group",), description=__doc__)

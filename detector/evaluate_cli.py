@@ -14,16 +14,23 @@ from .evaluate import EvalConfig, evaluate, format_table
 
 @dataclass(frozen=True)
 class EvaluateCommand(Config):
-    """Everything ``osad evaluate`` runs with."""
+    """measure detection quality on a benchmark data set (SMD, ASD, JumpStarter)
+
+    Per entity: fit on train (scaling and model on its head), choose a threshold without labels on the train
+    tail (POT), score test causally, and report f1, auprc, pa_f1, deployed_f1 and hitrate@100%/150% for the
+    model and the PCA, L2 and random baselines (same run, same windows). Writes results.json and one PNG per
+    entity with --out.
+    """
 
     dir: str = setting(positional=True, metavar="DIR", help="data set folder (holds train/, test/, test_label/), e.g. "
                        "shared/datasets/SMD")
     # --model, --entities and --out read no environment variable: OSAD_MODEL etc. may well be set for the detector
-    model: str = setting("cs", env=False, help="model(s) to evaluate, comma-separated: "
+    model: str = setting("cs", env="OSAD_EVALUATE_MODEL", help="model(s) to evaluate, comma-separated: "
                          + ", ".join(registry.SCORERS))
-    entities: str = setting("", env=False, help="comma-separated entity names (default: all in DIR)")
+    entities: str = setting("", env="OSAD_EVALUATE_ENTITIES", help="comma-separated entity names (default: all in DIR)")
     baselines: str = setting("pca,l2,random", help="baselines computed in the same run ('none' for none)")
-    out: str = setting("", env=False, help="folder for results.json and the per-entity PNGs (default: print only)")
+    out: str = setting("", env="OSAD_EVALUATE_OUT",
+                       help="folder for results.json and the per-entity PNGs (default: print only)")
     jobs: int = setting(1, help="entities evaluated in parallel (processes)", check=positive)
     protocol: EvalConfig = section(EvalConfig)
     plots: bool = setting(True, negate=True, flag="--no-plots", help="do not write PNGs")
@@ -37,17 +44,12 @@ class EvaluateCommand(Config):
 
 
 def register_evaluate(sub) -> None:
-    p = sub.add_parser(
+    EvaluateCommand.add_command(
+        sub,
         "evaluate",
-        help="measure detection quality on a benchmark data set (SMD, ASD, JumpStarter)",
-        description="Per entity: fit on train (scaling and model on its head), choose a threshold without "
-        "labels on the train tail (POT), score test causally, and report f1, auprc, pa_f1, deployed_f1 and "
-        "hitrate@100%/150% for the model and the PCA, L2 and random baselines (same run, same windows). "
-        "Writes results.json and one PNG per entity with --out.",
+        run_evaluate,
         epilog="Example: osad evaluate ../shared/datasets/SMD --model cs --out runs/smd --jobs 2",
     )
-    EvaluateCommand.add_arguments(p)
-    p.set_defaults(func=run_evaluate)
 
 
 def run_evaluate(args) -> int:

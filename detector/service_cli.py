@@ -16,7 +16,13 @@ from .service import BatchConfig, Detector
 
 @dataclass(frozen=True)
 class DetectConfig(Config):
-    """Everything ``osad detect`` runs with."""
+    """score signature windows with compressed sensing and MSCRED (service)
+
+    Consume SignatureWindows, batch them across entities and publish one Score per window per model: compressed
+    sensing for every window from the first one (no training needed), and MSCRED for windows that a checkpoint
+    in --models matches (same features, scales, gap, step and scaling). New or replaced checkpoints are picked
+    up while running. Replicas in one --group share the partitions.
+    """
 
     kafka: KafkaConfig = section(KafkaConfig)
     service: ServiceConfig = section(ServiceConfig, group="osad-detector")
@@ -30,14 +36,7 @@ class DetectConfig(Config):
 
 
 def register_detect(sub) -> None:
-    p = sub.add_parser(
-        "detect", help="score signature windows with compressed sensing and MSCRED (service)",
-        description="Consume SignatureWindows, batch them across entities and publish one Score per window per "
-        "model: compressed sensing for every window from the first one (no training needed), and MSCRED for "
-        "windows that a checkpoint in --models matches (same features, scales, gap, step and scaling). New or "
-        "replaced checkpoints are picked up while running. Replicas in one --group share the partitions.")
-    DetectConfig.add_arguments(p)
-    p.set_defaults(func=run)
+    DetectConfig.add_command(sub, "detect", run)
 
 
 def build_detector(cfg: DetectConfig) -> Detector:

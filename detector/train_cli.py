@@ -40,18 +40,25 @@ EXAMPLES = """examples:
 
 @dataclass(frozen=True)
 class TrainCommand(Config):
-    """Everything ``osad train`` runs with."""
+    """train an MSCRED model on normal data and write a checkpoint
+
+    Train MSCRED (Zhang et al., AAAI 2019) on normal windows, calibrate its score on a held-out validation
+    period, and write a safetensors checkpoint that 'osad detect' loads (--models).
+    """
 
     input: str = setting(positional=True, metavar="INPUT", help="a benchmark data-set folder (SMD/ASD/JumpStarter "
                          "layout; needs --entity) or a JSONL file of recorded Sample messages")
     # --entity, --out and --write-ranges read no environment variable (as before: OSAD_ENTITY is replay's)
-    entity: list[str] = setting([], repeat=",", env=False, help="data-set entity to train on (e.g. machine-1-6); "
+    entity: list[str] = setting([], repeat=",", env="OSAD_TRAIN_ENTITY",
+                                help="data-set entity to train on (e.g. machine-1-6); "
                                 "for JSONL input an entity_id to include (default: all)")
-    out: str = setting("", env=False, help="checkpoint to write: one safetensors file, weights plus a JSON metadata "
+    out: str = setting("", env="OSAD_TRAIN_OUT",
+                       help="checkpoint to write: one safetensors file, weights plus a JSON metadata "
                        "document in its header (features, scaling ranges, scales, gap, step, validation score "
                        "statistics; see detector/checkpoint.py); no sidecar file (default: "
                        "mscred-<entity>.safetensors)")
-    write_ranges: str = setting("", env=False, metavar="PATH", help="also write the model's scaling ranges as a "
+    write_ranges: str = setting("", env="OSAD_TRAIN_WRITE_RANGES", metavar="PATH",
+                                help="also write the model's scaling ranges as a "
                                 "featurizer ranges file (for 'osad featurizer --ranges PATH', so live windows are "
                                 "scaled exactly as the training windows were): the trained entities by id, and the "
                                 "same ranges as the default for any other")
@@ -71,21 +78,9 @@ class TrainCommand(Config):
     threads: int = setting(0, help="CPU threads (0: the cores we may use)", check=non_negative)
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog = EXAMPLES
-    TrainCommand.add_arguments(p)
-
-
 def register_train(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train an MSCRED model on normal data and write a checkpoint",
-        description="Train MSCRED (Zhang et al., AAAI 2019) on normal windows, calibrate its score on a "
-        "held-out validation period, and write a safetensors checkpoint that 'osad detect' loads (--models).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_train_arguments(p)
-    p.set_defaults(func=run_train)
+    TrainCommand.add_command(sub, "train", run_train, epilog=EXAMPLES,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def run_train(args) -> int:

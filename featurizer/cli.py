@@ -21,7 +21,12 @@ def _names(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class FeaturizerConfig(Config):
-    """What ``osad featurizer`` is told."""
+    """build MSCRED signature windows from samples (service)
+
+    Consume Samples, keep a window per entity and publish a SignatureWindow every --gap samples: --step
+    signature tensors at --scales, plus the raw scaled window. See featurizer/windows.py for the policy on
+    missing, late, duplicate and out-of-order samples.
+    """
 
     kafka: KafkaConfig = section(KafkaConfig)
     service: ServiceConfig = section(ServiceConfig, group="osad-featurizer")
@@ -34,12 +39,7 @@ class FeaturizerConfig(Config):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("featurizer", help="build MSCRED signature windows from samples (service)",
-                       description="Consume Samples, keep a window per entity and publish a SignatureWindow every "
-                       "--gap samples: --step signature tensors at --scales, plus the raw scaled window. "
-                       "See featurizer/windows.py for the policy on missing, late, duplicate and out-of-order samples.")
-    FeaturizerConfig.add_arguments(p)
-    p.set_defaults(func=run)
+    FeaturizerConfig.add_command(sub, "featurizer", run)
 
 
 def run(args) -> int:

@@ -45,7 +45,7 @@ from osad.runtime.procs import start_logged, stop_all
 
 @dataclass(frozen=True)
 class AgreementConfig(Config):
-    """``osad agreement``: which entity, where, and how close the two F1 values must be."""
+    """check that the live pipeline and `osad evaluate` agree on one entity"""
 
     dir: str = setting(positional=True, help="benchmark data set folder (train/, test/, test_label/), e.g. "
                        "../shared/datasets/SMD")
@@ -63,14 +63,8 @@ class AgreementConfig(Config):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("agreement", help="check that the live pipeline and `osad evaluate` agree on one entity",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    AgreementConfig.add_arguments(p)
-    p.set_defaults(func=_run_args)
-
-
-def _run_args(args: argparse.Namespace) -> int:
-    return run(AgreementConfig.from_args(args))
+    AgreementConfig.add_command(sub, "agreement", lambda args: run(AgreementConfig.from_args(args)),
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 # ------------------------------------------------------------------------------- the plan (pure)

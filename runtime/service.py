@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from osad.schemas import DEADLETTER, Topic, WireError, decode
 
-from .config import setup_logging
+from .config import KafkaConfig, ServiceConfig, setup_logging
 from .http import StatusServer
 from .kafka import Publisher, ensure_topics, make_consumer
 from .metrics import ServiceMetrics
@@ -367,21 +367,13 @@ def _Rebalance(runner: ServiceRunner):
     return Listener()
 
 
-def run_transform(transform: Transform, kafka, service=None, group: str | None = None) -> int:
-    """Run ``transform`` as a service: ``kafka`` (a :class:`osad.runtime.config.KafkaConfig`) says where
-    the broker is and how topics are named, ``service`` (a ``ServiceConfig``) its group and metrics port.
-    (Transitional: an argparse namespace with those attributes is accepted in place of both.)"""
-    if service is None:
-        service = kafka
-    setup_logging(getattr(service, "log_level", "INFO") or "INFO")
-    prefix = getattr(kafka, "topic_prefix", "") or ""
-    group = group or getattr(service, "group", None) or f"osad-{transform.name}"
+def run_transform(transform: Transform, kafka: KafkaConfig, service: ServiceConfig, group: str | None = None) -> int:
+    """Run ``transform`` as a service: ``kafka`` says where the broker is and how topics are named,
+    ``service`` its consumer group (default ``osad-<name>``), metrics port and log level."""
+    setup_logging(service.log_level)
+    prefix = kafka.topic_prefix
+    group = group or service.group or f"osad-{transform.name}"
     if prefix and not group.startswith(prefix):
         group = prefix + group  # installations that share a cluster share no consumer group either
-    cfg = RunnerConfig(
-        bootstrap=kafka.bootstrap,
-        group=group,
-        topic_prefix=prefix,
-        metrics_port=getattr(service, "metrics_port", 0) or 0,
-    )
+    cfg = RunnerConfig(bootstrap=kafka.bootstrap, group=group, topic_prefix=prefix, metrics_port=service.metrics_port)
     return ServiceRunner(transform, cfg).run()

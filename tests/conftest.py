@@ -54,3 +54,15 @@ def datasets_dir() -> Path:
     if not (DATASETS / "SMD").is_dir():
         pytest.skip(f"benchmark data sets not found at {DATASETS} (set OSAD_DATASETS)")
     return DATASETS
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The test machine is small and shared: one solver thread avoids oversubscription stalls (use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,15 +10,7 @@ from osad.detector.cs import (CalibratedCSScorer, CSScorer, basis_pursuit_dct, d
                          lesinn_outlier_scores, sampling_mask, sbd_matrix)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The test machine is small and shared: one solver thread avoids oversubscription stalls."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 

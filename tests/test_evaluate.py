@@ -19,15 +19,7 @@ from tests.conftest import osad_cmd
 NEED = span((10, 30, 60), 10, 5)  # 100 rows per window
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The test machine is small and shared: one solver thread avoids oversubscription stalls."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 

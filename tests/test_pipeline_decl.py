@@ -16,6 +16,7 @@ from osad.pipeline import (ALERTER, COLLECTOR, FEATURIZER, METRICS_PORT, PIPELIN
                            connection, metrics_ports, osad, service_args)
 from osad.runtime.config import env_name
 from tests.conftest import ROOT
+from tests.deployutil import image_text, last
 
 INFRA = {"kafka", "topics"}  # compose services that are not osad's
 _ENTRY = re.compile(r'^ENTRYPOINT \["osad", "([\w-]+)"\]', re.M)
@@ -76,7 +77,7 @@ def compose() -> dict:
 
 
 def _dockerfile(svc: dict) -> str:
-    return (ROOT / svc["build"]["dockerfile"]).read_text() if "build" in svc else ""
+    return image_text(svc)
 
 
 def _osad_command(svc: dict) -> str | None:
@@ -86,8 +87,7 @@ def _osad_command(svc: dict) -> str | None:
         ep = ep.split()
     if ep:
         return ep[1] if ep[0] == "osad" and len(ep) > 1 else None
-    m = _ENTRY.search(_dockerfile(svc))
-    return m.group(1) if m else None
+    return last(_ENTRY.pattern, _dockerfile(svc))
 
 
 def _declared_for(compose_name: str):
