@@ -39,10 +39,8 @@ class SchemasConfig(Config):
 
 
 def register(sub) -> None:
-    p = BrokerConfig.add_command(sub, "broker", lambda args: _broker(BrokerConfig.from_args(args)))
-
-    p = TopicsConfig.add_command(sub, "topics", lambda args: _topics(TopicsConfig.from_args(args)))
-
+    BrokerConfig.add_command(sub, "broker", lambda args: _broker(BrokerConfig.from_args(args)))
+    TopicsConfig.add_command(sub, "topics", lambda args: _topics(TopicsConfig.from_args(args)))
     SchemasConfig.add_command(sub, "schemas", lambda args: _schemas(SchemasConfig.from_args(args)))
 
 
