@@ -58,7 +58,7 @@ def _mscred(o: ScorerOptions) -> Scorer:
     try:
         from .mscred import MSCREDScorer  # torch: only when MSCRED is asked for
     except ImportError as e:
-        raise ValueError(f"--model mscred needs detector.mscred.MSCREDScorer, which cannot be imported ({e}); "
+        raise ValueError(f"--model mscred needs osad.detector.mscred.MSCREDScorer, which cannot be imported ({e}); "
                          "install the detector extra (pip install -e '.[detector]') or pick another model") from None
     return MSCREDScorer(features=None if o.features is None else list(o.features), scales=o.scales, gap=o.gap,
                         step=o.step, ranges=o.ranges, threads=o.threads, device=o.device, amp=o.amp, **o.extra)
@@ -73,7 +73,7 @@ SCORERS: dict[str, ScorerEntry] = {
                        lambda o: PCAScorer(gap=o.gap, **o.extra)),
     "l2": ScorerEntry("L2 distance from the train mean", lambda o: L2Scorer(gap=o.gap)),
     "random": ScorerEntry("uniform random score", lambda o: RandomScorer(seed=o.seed, gap=o.gap)),
-    "mscred": ScorerEntry("MSCRED (detector.mscred.MSCREDScorer), trained on the train head", _mscred,
+    "mscred": ScorerEntry("MSCRED (osad.detector.mscred.MSCREDScorer), trained on the train head", _mscred,
                           fit_options=True),
 }
 
