@@ -13,7 +13,10 @@ is measured"):
    every row whose number ``seq`` in train + test has ``(seq + 1) % gap == 0``; one more ends at the
    last test row) and a point's score is the score of the window whose ``gap`` newest samples contain it.
    So every score uses data up to at most ``gap - 1`` samples after its point, never later.
-4. Metrics from :mod:`core.metrics`: f1, auprc, pa_f1, deployed_f1, hitrate@100% / @150%.
+4. Metrics from :mod:`core.metrics`: f1, auprc, pa_f1, deployed_f1, hitrate@100% / @150%; vus_pr and
+   vus_roc (TSB-AD's, window = :func:`estimate_period`); and at the label-free threshold, the
+   incidents the alerter's rule makes of the test windows (:func:`incident_metrics`): event_recall,
+   detection_delay, false_incidents and false_incidents_per_day.
    Test labels are used only here, never to choose anything.
 
 Baselines (PCA, L2, random) run in the same process on the same windows.
@@ -31,17 +34,20 @@ from pathlib import Path
 
 import numpy as np
 
+from osad.alerter.config import AlerterConfig
 from osad.core import metrics as M
 from osad.core.datasets import Entity, list_entities, load_entity
 from osad.core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, signature_windows, span
 from osad.core.thresholds import DEFAULT_FENCE_K, pot_threshold
-from osad.runtime.config import Config, in_range, non_negative, setting
+from osad.runtime.config import Config, in_range, setting
 
 from . import registry
 from .base import Scorer, WindowBatch
 
 BASELINES = ("pca", "l2", "random")
 METRIC_KEYS = ("f1", "auprc", "pa_f1", "deployed_f1", "hitrate@100", "hitrate@150")
+#: threshold-free range-based measures and the incidents at the label-free threshold (second table)
+INCIDENT_KEYS = ("vus_pr", "vus_roc", "event_recall", "detection_delay", "false_incidents", "false_incidents_per_day")
 
 
 def model_names() -> dict[str, str]:
@@ -93,7 +99,7 @@ def point_windows(n_points: int, first_point: int, ends: np.ndarray, gap: int) -
 
 def score_points(scorer: Scorer, history: np.ndarray, series: np.ndarray, *, scales=DEFAULT_SCALES,
                  gap: int = DEFAULT_GAP, step: int = DEFAULT_STEP, chunk: int = 256, seq0: int | None = None,
-                 cover_last: bool = True):
+                 cover_last: bool = True, with_map: bool = False):
     """Causal point scores [T] and contributions [T, N] of ``series`` [T, N] (scaled).
 
     ``history`` holds the rows before it (at least ``span - 1`` of them are used). A point's score is
@@ -102,7 +108,8 @@ def score_points(scorer: Scorer, history: np.ndarray, series: np.ndarray, *, sca
     puts the windows on the featurizer's grid (``(seq + 1) % gap == 0``); None: a grid starting at
     ``series[0]``. ``cover_last`` False: no extra window for the rows after the last grid window;
     only window_scores are returned then (the point arrays are None).
-    Returns (point_scores, point_contributions, window_scores).
+    Returns (point_scores, point_contributions, window_scores), and with ``with_map`` a fourth item:
+    for each point of ``series`` the index of its window in ``window_scores`` (None without ``cover_last``).
     """
     need = span(scales, gap, step)
     if history.shape[0] < need - 1:
@@ -115,8 +122,8 @@ def score_points(scorer: Scorer, history: np.ndarray, series: np.ndarray, *, sca
     ws, wc = score_windows(scorer, window_batches(z, ends, with_signatures=scorer.uses_signatures, scales=scales,
                                                   gap=gap, step=step, chunk=chunk))
     if pmap is None:
-        return None, None, ws
-    return ws[pmap], wc[pmap], ws
+        return (None, None, ws, None) if with_map else (None, None, ws)
+    return (ws[pmap], wc[pmap], ws, pmap) if with_map else (ws[pmap], wc[pmap], ws)
 
 
 def window_batches(x: np.ndarray, ends: np.ndarray, *, with_signatures: bool, scales=DEFAULT_SCALES,
@@ -152,6 +159,97 @@ def score_windows(scorer: Scorer, batches) -> tuple[np.ndarray, np.ndarray]:
         scores.append(np.asarray(out.scores, np.float64))
         contrib.append(np.asarray(out.contributions, np.float64))
     return np.concatenate(scores), np.concatenate(contrib)
+
+
+# ------------------------------------------------------------------------------------ VUS and incidents
+
+#: TSB-AD's ``find_length_rank``: ACF over lags 3 .. 400 of the first 20,000 points; its highest local
+#: maximum is the period, unless it lies outside 3 .. 300 lags past the base (or there is none): 125 then
+PERIOD_MAX_POINTS, PERIOD_NLAGS, PERIOD_BASE, PERIOD_DEFAULT = 20_000, 400, 3, 125
+
+
+def estimate_period(x) -> int:
+    """The VUS window TSB-AD's benchmark passes (``find_length_rank(data[:, 0], rank=1)``, release 1.5).
+
+    ``x``: one series [T] (TSB-AD uses the first feature of the whole file, train then test). Its
+    autocorrelation (mean removed, biased, as ``statsmodels.tsa.stattools.acf(fft=True)``) at lags 0 .. 400
+    of the first 20,000 points; the strict local maxima of lags 3 .. 400; the highest one's lag if it
+    is 6 .. 303, else 125 (also for a constant series or one without a local maximum).
+
+    >>> t = np.arange(3000)
+    >>> estimate_period(np.sin(2 * np.pi * t / 48))
+    48
+    >>> estimate_period(np.ones(500))
+    125
+    """
+    v = np.asarray(x, dtype=np.float64).reshape(-1)[:PERIOD_MAX_POINTS]
+    v = v - v.mean()
+    n = v.size
+    if n < 2:
+        return PERIOD_DEFAULT
+    f = np.fft.rfft(v, n=2 * n)
+    acov = np.fft.irfft(f * np.conj(f), n=2 * n)[: PERIOD_NLAGS + 1] / n
+    if not acov[0] > 0:
+        return PERIOD_DEFAULT
+    ac = (acov / acov[0])[PERIOD_BASE:]
+    if ac.size < 3:
+        return PERIOD_DEFAULT
+    peaks = np.nonzero((ac[1:-1] > ac[:-2]) & (ac[1:-1] > ac[2:]))[0] + 1
+    if peaks.size == 0:
+        return PERIOD_DEFAULT
+    k = int(peaks[np.argsort(ac[peaks], kind="stable")[::-1][0]])
+    if k < 3 or k > 300:
+        return PERIOD_DEFAULT
+    return k + PERIOD_BASE
+
+
+def incident_metrics(window_scores: np.ndarray, pmap: np.ndarray, labels: np.ndarray, threshold: float, *,
+                     open_after: int, close_after: int, interval_s: float) -> dict:
+    """Incident-level measures of one test stream at one threshold, by the alerter's rule.
+
+    Alarms are per *window* (``window_score >= threshold``, as ``deployed_f1`` flags points; the alerter
+    uses ``>``, which differs only for a score exactly at the threshold); windows make incidents with
+    :func:`core.metrics.incidents_from_alarms` (``open_after`` / ``close_after`` count windows, as the
+    alerter's do). ``pmap``: each test point's window (see :func:`score_points`), so window ``w`` holds
+    the points ``pmap == w``. An incident covers the points from its opening run's first alarmed window
+    (the alerter dates its evidence from there) through its last open window; a labelled segment is
+    found when an incident covers one of its points (:func:`core.metrics.event_recall`), and an
+    incident covering none is false (:func:`core.metrics.false_incidents`). ``detection_delay``: per
+    found segment, points from its start to the last point of the window that published the incident
+    (the alerter can page only once that window has ended; 0 when it was published before the segment
+    began), median over found segments (NaN when none). ``false_incidents_per_day``: over the test
+    stream's duration (``n_points * interval_s``).
+    """
+    ws = np.asarray(window_scores, dtype=np.float64)
+    pmap = np.asarray(pmap, dtype=np.int64)
+    y = np.asarray(labels).reshape(-1) > 0
+    n = y.size
+    if pmap.size != n:
+        raise ValueError(f"pmap has {pmap.size} points, labels {n}")
+    idx = np.arange(ws.size)
+    p0 = np.searchsorted(pmap, idx, side="left")  # first and last test point of each window
+    p1 = np.searchsorted(pmap, idx, side="right") - 1
+    if (p1 < p0).any():
+        raise AssertionError("a window holds no test point")
+    inc = M.incidents_from_alarms(ws >= threshold, open_after, close_after)
+    ev = np.array([(p0[a - open_after + 1], p1[b]) for a, b in inc], dtype=np.int64).reshape(-1, 2)
+    pub = np.array([p1[a] for a, _ in inc], dtype=np.int64)
+    segs = M.segments(y)
+    delays = []
+    for s0, e0 in segs:
+        i = int(np.searchsorted(ev[:, 1], s0, side="left"))  # first incident still open at or after s0
+        if i < ev.shape[0] and ev[i, 0] <= e0:
+            delays.append(max(0, int(pub[i]) - s0))
+    n_false = M.false_incidents(ev, y)
+    return {
+        "event_recall": M.event_recall(ev, y),
+        "detection_delay": float(np.median(delays)) if delays else math.nan,
+        "false_incidents": int(n_false),
+        "false_incidents_per_day": M.false_incidents_per_day(n_false, n, interval_s),
+        "incidents": len(inc),
+        "segments": len(segs),
+        "segments_found": len(delays),
+    }
 
 
 # ------------------------------------------------------------------------------------ one entity
@@ -203,6 +301,9 @@ class EvalConfig(Config):
     limit_test: int | None = setting(0, help="use only the first N test rows (0: all; quick runs)")
     fit_options: dict | None = setting(None, flag="--fit-option", parse=parse_fit_options,
                                        help="KEY=VALUE[,KEY=VALUE] passed to fit() of mscred (e.g. epochs=5)")
+    # the alerter's incident rule (windows), its defaults: the incident measures are what 'osad alert' would page
+    open_after: int = AlerterConfig().open_after
+    close_after: int = AlerterConfig().close_after
 
 
 def prepare(root, name: str, cfg: EvalConfig) -> tuple[Entity, Ranges, np.ndarray, np.ndarray, int]:
@@ -236,8 +337,12 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
     fit_ends = np.arange(need - 1, n_fit)
     fit_ends = fit_ends[(seq0 + fit_ends + 1) % cfg.gap == 0]  # the featurizer's grid on the train head
     labels = ent.test_label
+    # VUS's window as TSB-AD's benchmark picks it: the period of the first feature of train then test (raw)
+    vus_window = estimate_period(np.concatenate([ent.train[:, 0], ent.test[:, 0]]))
     result = {"entity": ent.name, "dataset": ent.dataset, "n_train": n_train, "n_fit": n_fit, "n_val": n_val,
-              "n_test": int(xte.shape[0]), "anomaly_rate": float(labels.mean()), "models": {}}
+              "n_test": int(xte.shape[0]), "anomaly_rate": float(labels.mean()), "vus_window": vus_window,
+              "interval_s": ent.interval_s, "test_days": float(xte.shape[0] * ent.interval_s / 86400.0),
+              "models": {}}
     arrays = {"labels": labels}
     for mname in models:
         scorer = make_scorer(mname, ent, ranges, gap=cfg.gap, scales=cfg.scales, step=cfg.step, seed=cfg.seed,
@@ -256,7 +361,7 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
         # (the tail's windows are the grid's: the rows after its last one are scored by the first test window)
         _, _, val_scores = score_points(scorer, xtr[:n_fit], xtr[n_fit:], seq0=seq0 + n_fit, cover_last=False, **pkw)
         thr = pot_threshold(val_scores, q=cfg.q, level=cfg.level, fence_k=cfg.fence or None)
-        s, c, w_scores = score_points(scorer, xtr, xte, seq0=seq0 + n_train, **pkw)
+        s, c, w_scores, pmap = score_points(scorer, xtr, xte, seq0=seq0 + n_train, with_map=True, **pkw)
         t2 = time.perf_counter()
         dep = M.f1_at(s, labels, thr.value)
         best = M.best_f1(s, labels)
@@ -269,6 +374,9 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
             "model_id": scorer.model_id, "fit_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3),
             "windows_scored": int(val_scores.size + w_scores.size),
         }
+        r.update(M.vus(s, labels, window=vus_window))
+        r.update(incident_metrics(w_scores, pmap, labels, thr.value, open_after=cfg.open_after,
+                                  close_after=cfg.close_after, interval_s=ent.interval_s))
         result["models"][mname] = r
         arrays[mname] = s
         arrays[mname + ":threshold"] = np.array(thr.value)
@@ -297,13 +405,19 @@ def _run_one(args):
 
 
 def means(results: list[dict], models) -> dict:
+    """Per model, the mean over entities of every metric (NaN ones left out); and
+    ``false_incidents_per_entity_day``: all false incidents over all entities' test days."""
     out = {}
     for m in models:
         out[m] = {}
-        for k in METRIC_KEYS:
-            vals = [r["models"][m][k] for r in results if m in r["models"]]
+        for k in METRIC_KEYS + INCIDENT_KEYS:
+            vals = [r["models"][m].get(k) for r in results if m in r["models"]]
             vals = [v for v in vals if v is not None and not math.isnan(v)]
             out[m][k] = float(np.mean(vals)) if vals else math.nan
+        rs = [r for r in results if m in r["models"] and "false_incidents" in r["models"][m]]
+        days = sum(r.get("test_days", 0.0) for r in rs)
+        out[m]["false_incidents_per_entity_day"] = (
+            float(sum(r["models"][m]["false_incidents"] for r in rs) / days) if days > 0 else math.nan)
     return out
 
 
@@ -356,6 +470,8 @@ def evaluate(root, models, entities=None, jobs: int = 1, out=None, cfg: EvalConf
                "mean": means(results, models),
                "protocol": {"val_fraction": cfg.val_fraction, "q": cfg.q, "level": cfg.level, "gap": cfg.gap,
                             "scales": list(cfg.scales), "step": cfg.step, "seed": cfg.seed,
+                            "open_after": cfg.open_after, "close_after": cfg.close_after,
+                            "vus": "TSB-AD 1.5, window = estimate_period (find_length_rank)",
                             "limit_train": cfg.limit_train or None, "limit_test": cfg.limit_test or None}}
     if out:
         outd = Path(out)
@@ -420,4 +536,30 @@ def format_table(summary: dict) -> str:
     for m in models:
         x = summary["mean"][m]
         lines.append(f"| **mean** | **{m}** | " + " | ".join(fmt(x[k]) for k in METRIC_KEYS) + " |")
+    return "\n".join(lines)
+
+
+def format_incident_table(summary: dict) -> str:
+    """The second table: VUS and the incidents at the label-free threshold, per entity and mean.
+
+    ``delay`` is the median detection delay in points; ``false/day`` the false incidents per day of
+    test (in the mean row: all false incidents over all entity-days)."""
+    models = summary["models"]
+    lines = ["| entity | model | vus_pr | vus_roc | event_recall | delay (points) | false incidents | false/day |",
+             "|" + " --- |" * 8]
+
+    def fmt(v, d=3):
+        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
+
+    def row(name, m, x, per_day):
+        return (f"| {name} | {m} | {fmt(x['vus_pr'])} | {fmt(x['vus_roc'])} | {fmt(x['event_recall'])} | "
+                f"{fmt(x['detection_delay'], 1)} | {fmt(float(x['false_incidents']), 1)} | {fmt(per_day, 2)} |")
+
+    for r in summary["entities"]:
+        for m in models:
+            x = r["models"][m]
+            lines.append(row(r["entity"], m, x, x["false_incidents_per_day"]))
+    for m in models:
+        x = summary["mean"][m]
+        lines.append(row("**mean**", f"**{m}**", x, x["false_incidents_per_entity_day"]))
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from osad.core.datasets import DatasetError
 from osad.runtime.config import Config, positive, section, setting
 
 from . import registry
-from .evaluate import EvalConfig, evaluate, format_table
+from .evaluate import EvalConfig, evaluate, format_incident_table, format_table
 
 
 @dataclass(frozen=True)
@@ -18,8 +18,9 @@ class EvaluateCommand(Config):
 
     Per entity: fit on train (scaling and model on its head), choose a threshold without labels on the train
     tail (POT), score test causally, and report f1, auprc, pa_f1, deployed_f1 and hitrate@100%/150% for the
-    model and the PCA, L2 and random baselines (same run, same windows). Writes results.json and one PNG per
-    entity with --out.
+    model and the PCA, L2 and random baselines (same run, same windows); then vus_pr, vus_roc and, at the
+    label-free threshold by the alerter's incident rule, event recall, detection delay and false incidents
+    (per day). Writes results.json and one PNG per entity with --out.
     """
 
     dir: str = setting(positional=True, metavar="DIR", help="data set folder (holds train/, test/, test_label/), e.g. "
@@ -69,6 +70,9 @@ def run_evaluate(args) -> int:
         return 2
     print(f"## {summary['dataset']} ({len(summary['entities'])} entities)\n")
     print(format_table(summary))
+    print(f"\n### VUS, and incidents at the label-free threshold (alerter's rule: open after "
+          f"{cfg.protocol.open_after}, close after {cfg.protocol.close_after} windows)\n")
+    print(format_incident_table(summary))
     if cfg.out:
         print(f"\nwrote {cfg.out}/results.json" + ("" if not cfg.plots else " and one PNG per entity"))
     return 0

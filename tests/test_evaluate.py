@@ -113,6 +113,7 @@ def test_cli_evaluate(datasets_dir, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "| omi-2 | l2 |" in p.stdout and "| **mean** | **random** |" in p.stdout
     assert "[1/1] ASD/omi-2" in p.stderr  # progress on stderr
+    assert "| entity | model | vus_pr | vus_roc | event_recall |" in p.stdout  # the second table
     assert (tmp_path / "results.json").exists()
     bad = subprocess.run(osad_cmd("evaluate", str(datasets_dir / "ASD"), "--model", "nope"), capture_output=True,
                          text=True, timeout=60)
@@ -143,3 +144,131 @@ def test_window_batches_match_the_signature_reference_on_and_off_the_grid():
     b = next(window_batches(x, ends, with_signatures=True))
     assert np.allclose(b.signatures, signature_windows_naive(x, ends), atol=1e-6)
     assert np.array_equal(b.values, x[ends[:, None] + np.arange(-59, 1)].astype(np.float32))
+
+
+# -- VUS window and incidents (synthetic data, no ../shared) ---------------------------------------
+
+
+def test_estimate_period_follows_tsb_ads_find_length_rank():
+    from osad.detector.evaluate import estimate_period
+
+    t = np.arange(5000)
+    rng = np.random.default_rng(4)
+    assert estimate_period(np.sin(2 * np.pi * t / 48)) == 48
+    assert estimate_period(np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.3, t.size)) == 24
+    assert estimate_period(3.0 * np.sin(2 * np.pi * t / 24) + 7.0) == 24  # affine-invariant, as the ACF
+    assert estimate_period(np.sin(2 * np.pi * t / 350)) == 125  # peak past lag 303: TSB-AD's default
+    assert estimate_period(np.ones(800)) == 125  # constant: no ACF, default
+    assert estimate_period(np.linspace(0, 1, 800)) == 125  # no local maximum
+    # only the first 20,000 points count
+    x = np.r_[np.sin(2 * np.pi * np.arange(20_000) / 30), np.sin(2 * np.pi * np.arange(20_000) / 70)]
+    assert estimate_period(x) == 30
+    # the FFT autocorrelation is the direct (biased, mean removed) one
+    v = np.sin(2 * np.pi * t[:900] / 40) + rng.normal(0, 0.5, 900)
+    d = v - v.mean()
+    direct = np.array([d[: d.size - k] @ d[k:] for k in range(401)]) / (d @ d)
+    peaks = [k for k in range(4, 400) if direct[k] > direct[k - 1] and direct[k] > direct[k + 1]]
+    assert estimate_period(v) == max(peaks, key=lambda k: direct[k])
+
+
+def _grid_pmap(n_points: int, first: int, gap: int = 10) -> np.ndarray:
+    """Window of each point when the first window holds ``first`` points, then ``gap`` each."""
+    return np.where(np.arange(n_points) < first, 0, (np.arange(n_points) - first) // gap + 1)
+
+
+def test_incident_metrics_apply_the_alerter_rule_on_windows():
+    from osad.detector.evaluate import incident_metrics
+
+    pmap = _grid_pmap(104, 4)  # windows: [0-3], [4-13], [14-23], ..., [94-103] -> 11 windows
+    ws = np.zeros(11)
+    ws[[1, 2]] = 5.0  # two windows over: opens at window 2 (points 14-23), stays open to window 4 (close_after 3)
+    ws[6] = 5.0  # a single window over: no incident with open_after 2
+    ws[[8, 9, 10]] = 5.0  # opens at window 9, open to the end of the stream
+    y = np.zeros(104, int)
+    y[6:9] = 1  # in window 1: found by the first incident (evidence from window 1), published at point 23
+    y[55:60] = 1  # in window 6: missed
+    r = incident_metrics(ws, pmap, y, 5.0, open_after=2, close_after=3, interval_s=60.0)
+    assert r["incidents"] == 2 and r["segments"] == 2 and r["segments_found"] == 1
+    assert r["event_recall"] == 0.5
+    assert r["detection_delay"] == 23 - 6  # to the end of the publishing window
+    assert r["false_incidents"] == 1  # the one from window 8 on covers no label
+    assert r["false_incidents_per_day"] == pytest.approx(1 / (104 * 60 / 86400))
+    # the threshold flags score >= threshold; above every score: nothing at all
+    q = incident_metrics(ws, pmap, y, 5.0001, open_after=2, close_after=3, interval_s=60.0)
+    assert (q["incidents"], q["false_incidents"], q["event_recall"]) == (0, 0, 0.0) and np.isnan(q["detection_delay"])
+    # open_after = close_after = 1: incidents are the runs of windows over the threshold; window 6 finds y[55:60]
+    one = incident_metrics(ws, pmap, y, 5.0, open_after=1, close_after=1, interval_s=60.0)
+    assert (one["incidents"], one["event_recall"], one["false_incidents"]) == (3, 1.0, 1)
+    assert one["detection_delay"] == np.median([13 - 6, 63 - 55])
+    # a segment that began before the incident was published: delay 0 if published before it starts
+    y2 = np.zeros(104, int)
+    y2[30:33] = 1  # window 3, the incident (published at point 23) is still open
+    assert incident_metrics(ws, pmap, y2, 5.0, open_after=2, close_after=3, interval_s=60.0)["detection_delay"] == 0
+
+
+def test_incidents_match_what_the_alerter_publishes():
+    """The windows at which ``osad alert``'s Engine opens and closes incidents are those of incident_metrics'
+    rule (its defaults; a static threshold so that nothing calibrates)."""
+    from osad.alerter.config import AlerterConfig
+    from osad.alerter.core import Engine
+    from osad.core.metrics import incidents_from_alarms
+    from osad.schemas import Score
+
+    cfg = AlerterConfig(static_thresholds=[("cs-jumpstarter", 1.0)], host_min_entities=0)
+    rng = np.random.default_rng(5)
+    over = rng.random(400) < 0.3
+    ws = np.where(over, 2.0, 0.5)
+    eng = Engine(cfg)
+    events = []
+    for i, v in enumerate(ws):
+        s = Score(entity_id="h/1@2", host="h", window_end_ts=float(i), window_end_seq=10 * i + 9, interval_s=1.0,
+                  gap=10, model_id="cs-jumpstarter:x", score=float(v), features=["a", "b"], contributions=[1.0, 1.0])
+        events += [(a.status, i) for a in eng.observe(s, now=float(i)) if a.status in ("open", "closed")]
+    expect = []
+    for a, b in incidents_from_alarms(ws > 1.0, cfg.open_after, cfg.close_after):
+        expect.append(("open", a))
+        if b + 1 < ws.size:
+            expect.append(("closed", b + 1))  # published at the close_after-th quiet window, the first not open
+    assert len(expect) > 10 and events == expect
+
+
+def _tiny_dataset(root, rng, n_train=900, n_test=700):
+    """An SMD-shaped folder (name SMD: 60 s interval) with one entity, sine metrics and two injected anomalies."""
+    t = np.arange(n_train + n_test)
+    x = 0.5 + 0.3 * np.sin(2 * np.pi * t[:, None] / 60 + np.arange(4)) + rng.normal(0, 0.02, (t.size, 4))
+    y = np.zeros(n_test, int)
+    for a, b in ((200, 240), (500, 520)):
+        x[n_train + a: n_train + b, 1] += 1.5
+        y[a:b] = 1
+    for sub, arr in (("train", x[:n_train]), ("test", x[n_train:]), ("test_label", y[:, None])):
+        (root / sub).mkdir(parents=True)
+        np.savetxt(root / sub / "m-1.txt", arr, delimiter=",", fmt="%.6g")
+    return root
+
+
+def test_evaluate_reports_vus_and_incidents(tmp_path):
+    from osad.detector.evaluate import INCIDENT_KEYS, format_incident_table, format_table
+
+    root = _tiny_dataset(tmp_path / "SMD", np.random.default_rng(6))
+    summary = evaluate(root, ["l2", "random"], out=tmp_path / "run", plots=False, progress=None)
+    ent = summary["entities"][0]
+    assert ent["interval_s"] == 60.0 and ent["test_days"] == pytest.approx(700 * 60 / 86400)
+    assert ent["vus_window"] == 60  # the period of the sine
+    for m in ("l2", "random"):
+        r = ent["models"][m]
+        assert 0 <= r["vus_pr"] <= 1 and 0 <= r["vus_roc"] <= 1
+        assert r["segments"] == 2 and r["false_incidents"] <= r["incidents"]
+        assert r["false_incidents_per_day"] == pytest.approx(r["false_incidents"] / ent["test_days"])
+        for k in INCIDENT_KEYS:
+            v, mv = r[k], summary["mean"][m][k]
+            assert (np.isnan(v) and np.isnan(mv)) or mv == pytest.approx(v)
+    l2 = ent["models"]["l2"]
+    assert l2["event_recall"] == 1.0 and l2["false_incidents"] == 0 and l2["vus_pr"] > ent["models"]["random"]["vus_pr"]
+    assert 0 <= l2["detection_delay"] <= 2 * 10  # published within two windows of the start
+    assert summary["mean"]["l2"]["false_incidents_per_entity_day"] == pytest.approx(0.0)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["entities"][0]["models"]["l2"]["event_recall"] == 1.0
+    assert saved["protocol"]["open_after"] == 2 and saved["protocol"]["close_after"] == 3
+    table = format_incident_table(summary)
+    assert "| m-1 | l2 |" in table and "| **mean** | **random** |" in table
+    assert "vus_pr" not in format_table(summary)  # the first table is unchanged
