@@ -15,6 +15,9 @@
   highest likelihood wins.
 * :func:`sigma_threshold`: ``mean + k * std`` (OSdetector's rule, k = 3): the fallback when there are
   too few peaks for a GPD fit.
+* :class:`DSPOT`: drift-aware streaming POT (the paper's DSPOT): POT on the residual of each score
+  against the mean of the last ``depth`` normal scores, with guards (learns only from scores judged
+  normal, at a bounded speed, can be frozen, state as a plain dict). See docs/thresholds.md.
 
 Example::
 
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DEFAULT_FENCE_K", "Threshold", "fence", "fit_gpd", "pot_threshold", "sigma_threshold", "SPOT"]
+__all__ = ["DEFAULT_FENCE_K", "DSPOT", "Threshold", "fence", "fit_gpd", "pot_threshold", "sigma_threshold", "SPOT"]
 
 
 @dataclass
@@ -271,3 +274,233 @@ class SPOT:
             except ValueError:
                 pass
         return False
+
+
+class DSPOT:
+    """Drift-aware streaming POT (Siffer et al., KDD 2017, algorithm DSPOT), with guards.
+
+    The paper's idea: a score stream whose normal level drifts is not stationary, but its residual
+    ``x_i - M_i`` against the local level ``M_i`` (the mean of the last ``depth`` normal scores) is;
+    POT/SPOT runs on the residuals and the alarm threshold is ``M_i + z_q``. Here:
+
+    * ``mode="add"`` is the paper's DSPOT. ``mode="mul"`` runs the same on ``log(x + eps)``: a level
+      that doubles also doubles its spread (non-negative scores drift that way), and the threshold
+      ``exp(M + z) - eps`` then scales with the level instead of shifting by a constant.
+    * ``fit(calibration)``: gross outliers are fenced out first (:func:`fence`, as
+      :func:`pot_threshold`); the first ``depth`` scores (fewer when the period is short, keeping at
+      least ``2 * min_peaks`` residuals) seed the level; the residuals of the rest against their
+      preceding moving average fit POT (:func:`pot_threshold`, probability ``q``; its ``mean + k
+      sigma`` fallback when the residuals are too few or cannot be fitted, then no peak is learned).
+    * ``step(x, learn=True) -> bool``: alarm when ``x >= threshold`` (the threshold in force before
+      ``x``). Guards: (1) only scores judged normal (no alarm) are learned; (2) learning is off while
+      ``frozen`` is set, for one call with ``learn=False``, and for ``hold`` scores after every alarm
+      (the alerter's "incident open"); (3) speed cap: the threshold moves by at most ``max_step``
+      per learned score, ``max_step = rate * z0`` with ``z0`` the calibrated residual threshold
+      (in ``mode="mul"`` the cap holds in log space: the threshold changes by at most a factor
+      ``exp(rate * z0)`` per step). The level and the residual quantile each move towards their
+      new target by at most half the cap; what is left over is caught up on later steps.
+    * ``center="median"``: the level is the window's median instead of its mean. ``memory=N``:
+      forgetting; POT is refitted on the last N learned residuals only (on every peak and every
+      N/10 scores) instead of on every peak since calibration (the paper).
+    * ``run(scores)`` -> (thresholds, alarms) is ``step`` over an array (identical results).
+    * ``to_dict()`` / ``from_dict(d)``: the whole state as JSON-ready plain values.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> d = DSPOT(q=1e-3, depth=20).fit(rng.normal(10, 1, 500))
+    >>> d.step(11.0), d.step(30.0)
+    (False, True)
+    """
+
+    def __init__(self, q: float = 1e-3, depth: int = 20, mode: str = "add", rate: float = 0.05, hold: int = 0,
+                 center: str = "mean", memory: int | None = None, level: float = 0.98, min_peaks: int = 10, fallback_k: float = 3.0,
+                 fence_k: float | None = DEFAULT_FENCE_K):
+        if not 0 < q < 1:
+            raise ValueError(f"q must be a probability in (0, 1), got {q}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if mode not in ("add", "mul"):
+            raise ValueError(f"mode must be 'add' or 'mul', got {mode!r}")
+        if not rate > 0:
+            raise ValueError(f"rate must be > 0 (math.inf: no cap), got {rate}")
+        if hold < 0:
+            raise ValueError(f"hold must be >= 0, got {hold}")
+        if center not in ("mean", "median"):
+            raise ValueError(f"center must be 'mean' or 'median', got {center!r}")
+        self.q, self.depth, self.mode, self.rate, self.hold = q, int(depth), mode, float(rate), int(hold)
+        if memory is not None and memory < 2 * min_peaks:
+            raise ValueError(f"memory must be None or >= 2 * min_peaks = {2 * min_peaks}, got {memory}")
+        self.center, self.memory = center, None if memory is None else int(memory)
+        self.resid: list[float] = []  # with memory: the last `memory` learned residuals
+        self._c = np.mean if center == "mean" else np.median
+        self.level, self.min_peaks, self.fallback_k, self.fence_k = level, min_peaks, fallback_k, fence_k
+        self.frozen = False
+        self.fitted = False
+        self.eps = 0.0
+        self.window: list[float] = []  # last `depth` normal values (transformed)
+        self.base = math.nan  # level in force (follows mean(window) at bounded speed)
+        self.t = math.nan  # POT's initial threshold on the residuals (nan: sigma fallback, no peaks)
+        self.peaks: list[float] = []
+        self.n = 0
+        self.z = math.nan  # residual threshold in force
+        self.z_target = math.nan  # latest fitted residual threshold
+        self.z0 = math.nan
+        self.method = ""
+        self.hold_left = 0
+        self.alarms = 0
+        self.learned = 0
+
+    # -- transforms
+    def _fwd(self, x):
+        return np.log(np.maximum(x, 0.0) + self.eps) if self.mode == "mul" else x
+
+    def _inv(self, y: float) -> float:
+        return math.exp(y) - self.eps if self.mode == "mul" else y
+
+    @property
+    def max_step(self) -> float:
+        """Most the (transformed) threshold moves per learned score."""
+        return self.rate * abs(self.z0) if math.isfinite(self.z0) and self.z0 != 0 else math.inf
+
+    @property
+    def threshold(self) -> float:
+        if not self.fitted:
+            raise RuntimeError("DSPOT: call fit() on a normal calibration period first")
+        return self._inv(self.base + self.z)
+
+    value = threshold
+
+    def fit(self, scores) -> "DSPOT":
+        s = np.asarray(scores, dtype=np.float64).reshape(-1)
+        s = s[np.isfinite(s)]
+        if s.size == 0:
+            raise ValueError("no finite scores to calibrate on; score a normal period first")
+        if self.fence_k is not None:
+            s, _, _ = fence(s, self.fence_k)
+        if self.mode == "mul":
+            self.eps = max(float(np.median(np.abs(s))), 1e-12)
+        y = np.asarray(self._fwd(s), np.float64)
+        d = max(1, min(self.depth, y.size - 2 * self.min_peaks))
+        if y.size <= d:  # too short for residuals: a constant level, sigma rule on the deviations
+            d = max(1, y.size - 1) if y.size > 1 else 1
+        # residual of y[i] against the mean of the `depth` values before it (the seed uses what there is)
+        res = []
+        win = list(y[:d])
+        for i in range(d, y.size):
+            res.append(y[i] - float(self._c(win)))
+            win.append(float(y[i]))
+            if len(win) > self.depth:
+                win.pop(0)
+        res = np.asarray(res) if res else np.zeros(1)
+        thr = pot_threshold(res, self.q, self.level, self.min_peaks, self.fallback_k)
+        self.method = thr.method
+        self.n = int(res.size)
+        if thr.method == "pot":
+            self.t = float(thr.info["t"])
+            self.peaks = (res[res > self.t] - self.t).tolist()
+        else:
+            self.t, self.peaks = math.nan, []
+        self.resid = [float(v) for v in res[-self.memory:]] if self.memory else []
+        self.window = [float(v) for v in win[-self.depth:]]
+        self.base = float(self._c(self.window))
+        self.z = self.z_target = self.z0 = float(thr.value)
+        self.hold_left = 0
+        self.fitted = True
+        return self
+
+    def _refit(self) -> None:
+        try:
+            gamma, sigma = fit_gpd(self.peaks)
+            zq = _z_q(self.t, gamma, sigma, self.q, self.n, len(self.peaks))
+        except (ValueError, OverflowError, ZeroDivisionError):
+            return
+        if math.isfinite(zq):
+            self.z_target = float(zq)
+
+    def step(self, x: float, learn: bool = True) -> bool:
+        """Process one score; True = alarm. ``learn=False`` (or ``frozen``): compare only."""
+        thr = self.threshold
+        x = float(x)
+        alarm = bool(x >= thr)
+        if alarm:
+            self.alarms += 1
+            self.hold_left = self.hold
+            return True
+        if self.hold_left > 0:
+            self.hold_left -= 1
+            return False
+        if self.frozen or not learn or not math.isfinite(x):
+            return False
+        y = float(self._fwd(x))
+        r = y - self.base
+        self.n += 1
+        if self.memory:  # forget: POT on the last `memory` residuals, refitted on a peak or every memory/10
+            self.resid.append(r)
+            if len(self.resid) > self.memory:
+                self.resid.pop(0)
+            if (math.isfinite(self.t) and r > self.t) or (self.learned + 1) % max(10, self.memory // 10) == 0:
+                thr = pot_threshold(self.resid, self.q, self.level, self.min_peaks, self.fallback_k)
+                self.method, self.z_target = thr.method, float(thr.value)
+                self.t = float(thr.info["t"]) if thr.method == "pot" else math.nan
+        elif math.isfinite(self.t) and r > self.t:
+            self.peaks.append(r - self.t)
+            self._refit()
+        self.window.append(y)
+        if len(self.window) > self.depth:
+            self.window.pop(0)
+        half = self.max_step / 2.0
+        target = float(self._c(self.window))
+        self.base += min(max(target - self.base, -half), half)
+        self.z += min(max(self.z_target - self.z, -half), half)
+        self.learned += 1
+        return False
+
+    def run(self, scores, learn=True) -> tuple[np.ndarray, np.ndarray]:
+        """``step`` over ``scores``: (threshold in force before each score, alarm of each score).
+        ``learn``: one bool, or one per score."""
+        s = np.asarray(scores, dtype=np.float64).reshape(-1)
+        lr = np.broadcast_to(np.asarray(learn, bool), s.shape)
+        thr = np.empty(s.size)
+        al = np.zeros(s.size, bool)
+        for i in range(s.size):
+            thr[i] = self.threshold
+            al[i] = self.step(s[i], bool(lr[i]))
+        return thr, al
+
+    # -- state
+    _PARAMS = ("q", "depth", "mode", "rate", "hold", "center", "memory", "level", "min_peaks", "fallback_k", "fence_k")
+    _STATE = ("frozen", "fitted", "eps", "window", "base", "t", "peaks", "resid", "n", "z", "z_target", "z0", "method",
+              "hold_left", "alarms", "learned")
+
+    def to_dict(self) -> dict:
+        """Parameters and state as plain JSON-ready values (non-finite floats as None)."""
+        def enc(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+            if isinstance(v, list):
+                return [float(e) for e in v]
+            return v
+        return {"kind": "dspot", "version": 1, **{k: enc(getattr(self, k)) for k in self._PARAMS + self._STATE}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DSPOT":
+        if d.get("kind") != "dspot":
+            raise ValueError("not a DSPOT state")
+
+        def dec(v):
+            if v is None:
+                return math.nan
+            if v == "inf":
+                return math.inf
+            if v == "-inf":
+                return -math.inf
+            return v
+        o = cls(**{k: (dec(d[k]) if k in ("rate", "fallback_k") else d[k]) for k in cls._PARAMS})
+        for k in cls._STATE:
+            v = d[k]
+            if k in ("window", "peaks", "resid"):
+                v = [float(e) for e in v]
+            elif k in ("eps", "base", "t", "z", "z_target", "z0"):
+                v = float(dec(v))
+            setattr(o, k, v)
+        return o
