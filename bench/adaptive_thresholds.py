@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -214,7 +213,7 @@ def main(argv=None) -> int:
         if ds in TODAY and abs(today[ds] - TODAY[ds]) > 5e-4:
             log(f"WARNING: frozen POT on {ds} gives {today[ds]:.3f}, docs say {TODAY[ds]:.3f}")
     w = max(len(k) for k in res)
-    print(f"\nmean deployed F1 per set (point-wise, each point at its own threshold); best F1 for reference")
+    print("\nmean deployed F1 per set (point-wise, each point at its own threshold); best F1 for reference")
     print(f"{'policy':<{w}} " + " ".join(f"{ds:>11}" for ds in sets))
     print(f"{'best-threshold F1 (oracle)':<{w}} " + " ".join(f"{best_f1[ds]:>11.3f}" for ds in sets))
     for k, v in res.items():
