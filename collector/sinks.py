@@ -10,10 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import sys
 from typing import Iterable
 
-from osad.runtime.sinks import JsonlSink, Sink, SinkError
+from osad.runtime.sinks import FileSink, JsonlSink, Sink, SinkError
 
 log = logging.getLogger("osad.collector")
 
@@ -61,21 +60,13 @@ class KafkaSink(Sink):
         self.pub.close()
 
 
-class CsvSink(Sink):
+class CsvSink(FileSink):
     """One row per Sample; a column per metric (empty where a metric is absent)."""
 
     def __init__(self, path: str, metric_names: Iterable[str]):
-        super().__init__()
-        self.name = f"csv:{path}"
-        if path == "-":
-            self.f, self._own = sys.stdout, False
-        else:
-            try:
-                self.f, self._own = open(path, "w", encoding="utf-8", newline=""), True
-            except OSError as e:
-                raise SinkError(f"--output csv:{path}: cannot open for writing: {e}") from None
+        super().__init__(path, "csv", binary=False, newline="", what="--output csv:")
         self.metrics = list(dict.fromkeys(metric_names))
-        self.w = csv.writer(self.f)
+        self.w = csv.writer(self.fh)
         self.w.writerow(list(CSV_BASE) + self.metrics)
         self._warned: set[str] = set()
 
@@ -92,13 +83,6 @@ class CsvSink(Sink):
             self.w.writerow(row)
         self.counts["sent"] += len(samples)
 
-    def flush(self) -> None:
-        self.f.flush()
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        self.f.flush()
-        if self._own:
-            self.f.close()
 
 
 def _num(x: float) -> str:

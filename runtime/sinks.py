@@ -54,24 +54,45 @@ class Sink:
         pass
 
 
-class JsonlSink(Sink):
+class FileSink(Sink):
+    """A sink that writes to a file it opens (``-``: standard output, which it never closes).
+
+    ``binary``: bytes (else text, with ``newline`` as ``open`` takes it); ``append``: add to an existing
+    file; ``what``: the option that named the path, for the error message."""
+
+    def __init__(self, path: str, kind: str, *, binary: bool = True, append: bool = False, newline: str | None = None,
+                 what: str = "--output"):
+        super().__init__()
+        self.name = f"{kind}:{path}"
+        if path == "-":
+            self.fh, self._own = (sys.stdout.buffer if binary else sys.stdout), False
+            return
+        mode = ("a" if append else "w") + ("b" if binary else "")
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(path, mode) if binary else open(path, mode, encoding="utf-8", newline=newline)
+            self._own = True
+        except OSError as e:
+            raise SinkError(f"{what}{path if what.endswith(':') else ' ' + path}: cannot open for writing: {e}") from None
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.fh.flush()
+        if self._own:
+            self.fh.close()
+
+
+class JsonlSink(FileSink):
     """One message per line, as on the wire. ``path`` ``-`` is standard output.
 
     ``append``: add to an existing file instead of replacing it; ``flush_each``: flush after every
     write (a file someone tails while it grows)."""
 
     def __init__(self, path: str, *, append: bool = False, flush_each: bool = False, what: str = "--output"):
-        super().__init__()
-        self.name = f"jsonl:{path}"
+        super().__init__(path, "jsonl", append=append, what=what)
         self.flush_each = flush_each
-        if path == "-":
-            self.fh, self._own = sys.stdout.buffer, False
-            return
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.fh, self._own = open(path, "ab" if append else "wb"), True
-        except OSError as e:
-            raise SinkError(f"{what} {path}: cannot open for writing: {e}") from None
 
     def write(self, msgs: Sequence[BaseModel]) -> None:
         from osad.schemas import encode
@@ -84,14 +105,3 @@ class JsonlSink(Sink):
         except OSError as e:
             self.counts["failed"] += len(msgs)
             log.error("%s: write failed: %s", self.name, e)
-
-    def send(self, msg: BaseModel) -> None:
-        self.write([msg])
-
-    def flush(self) -> None:
-        self.fh.flush()
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        self.fh.flush()
-        if self._own:
-            self.fh.close()
