@@ -74,7 +74,10 @@ def resolve_root(path: str | Path) -> Path:
     """The folder that holds train/ (accepts a data set folder or its single sub-folder, e.g. JumpStarter)."""
     root = Path(path)
     if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder; give a data set folder that holds train/ (and test/)")
+        raise DatasetError(f"{root}: no such folder; give a data set folder that holds train/ (and test/): a slice "
+                           "of SMD and ASD is in the repository (tests/data/datasets/SMD, .../ASD); the full sets "
+                           "are in ../shared/datasets where that exists, or come from their publishers (see "
+                           "docs/evaluation.md)")
     if (root / "train").is_dir():
         return root
     subs = [d for d in sorted(root.iterdir()) if (d / "train").is_dir()]

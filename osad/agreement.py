@@ -48,7 +48,8 @@ class AgreementConfig(Config):
     """check that the live pipeline and `osad evaluate` agree on one entity"""
 
     dir: str = setting(positional=True, help="benchmark data set folder (train/, test/, test_label/), e.g. "
-                       "../shared/datasets/SMD")
+                       "tests/data/datasets/SMD (the repository's slice: 5,008 train and 6,000 test rows of "
+                       "machine-1-6) or the full ../shared/datasets/SMD")
     entity: str = setting(required=True, help="entity (machine/service) name, e.g. machine-1-6")
     limit_train: int | None = setting(None, check=positive,
                                       help="use only the last N train rows (as osad evaluate --limit-train)")

@@ -13,11 +13,12 @@ shows them) and the last lines of any service log that reports an error. ``--no-
 that is not a terminal, prints a banner instead and leaves the services to their logs.
 
 ``--demo`` replays one SMD entity with labelled anomalies instead of watching this machine (the
-collector is not started): its last normal train rows as fast as possible, so that the featurizer
-(scaling with the train ranges), the detector and the alerter calibrate within seconds (the demo
-lowers their calibration counts), then its test rows at ``--demo-rate`` rows per second from a
-little before the first labelled anomaly. The first incident appears within about a minute. The
-demo keeps its state in STATE/demo (the train ranges, the alerter's store), afresh each time.
+collector is not started; the data: the slice of SMD in the repository, tests/data/datasets/SMD,
+unless ``--demo-dataset DIR``): its last normal train rows as fast as possible, so that the
+featurizer (scaling with the train ranges), the detector and the alerter calibrate within seconds
+(the demo lowers their calibration counts), then its test rows at ``--demo-rate`` rows per second
+from a little before the first labelled anomaly. The first incident appears within about a minute.
+The demo keeps its state in STATE/demo (the train ranges, the alerter's store), afresh each time.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ from osad.schemas import ANOMALIES, DEADLETTER, SAMPLES
 
 # --demo: which data, and how the services calibrate on it (their own options, lowered so that the
 # first incident comes within about a minute; see plan_demo)
-DEMO_DATASET = "../shared/datasets/SMD"
+# the demo's data: the slice of SMD in the repository (tests/data/datasets/SMD, see its README.md), found beside the
+# package's source folder (osad is installed editable from the repository, as ./dev does); an install without
+# the repository must name a folder with --demo-dataset
+DEMO_DATASET_IN_REPO = Path("tests") / "data" / "datasets" / "SMD"
 DEMO_ENTITY = "machine-1-6"
 DEMO_CS_CALIBRATE = 20  # detector --cs-calibrate (30): windows its per-entity compressed sensing is fitted on
 DEMO_CALIBRATION_SCORES = 40  # alerter --calibration-scores (100): scores its POT threshold is fitted on
@@ -81,7 +85,7 @@ class UpConfig(Config):
     only: list[str] | None = setting(None, parse=_service_list,
                                      help="comma-separated services to start (default: every one available)")
     replay: str | None = setting(None, help="also replay this benchmark data set folder (e.g. "
-                                 "../shared/datasets/SMD) into the pipeline")
+                                 "tests/data/datasets/SMD, or the full ../shared/datasets/SMD) into the pipeline")
     replay_args: str = setting("--rate 20", help="extra arguments for the replay (see osad replay --help)")
     collect_args: str = setting(" ".join(COLLECTOR.args),
                                 help="arguments for the collector (see osad collect --help)")
@@ -95,7 +99,8 @@ class UpConfig(Config):
     view_rows: int = setting(12, check=positive, group="live view", help="most entities and anomalies the view lists")
     demo: bool = setting(False, group="demo", help="replay an SMD entity with labelled anomalies (no collector) so "
                          "that detections appear within about a minute")
-    demo_dataset: str = setting(DEMO_DATASET, group="demo", help="SMD data set folder (train/, test/, test_label/)")
+    demo_dataset: str = setting("", group="demo", help="SMD data set folder (train/, test/, test_label/); default: "
+                                f"the slice in the repository, {DEMO_DATASET_IN_REPO}")
     demo_entity: str = setting(DEMO_ENTITY, group="demo", help="entity (machine) of the data set to replay")
     demo_rate: float = setting(20.0, check=positive, group="demo", help="test rows per second (the train rows go "
                                "as fast as possible); SMD has one row a minute")
@@ -213,6 +218,19 @@ def plan_demo(dataset: str, entity: str, n_train: int, labels, rate: float, enti
                     [sg for sg in segments if sg[0] >= skip], rate)
 
 
+def demo_dataset(package_dir: Path = Path(__file__).resolve().parent) -> Path:
+    """The default --demo-dataset: the repository's slice of SMD, beside the package's source folder
+    (``osad/``); a clear error where this installation has no repository around it."""
+    folder = package_dir.parent / DEMO_DATASET_IN_REPO
+    if not (folder / "train").is_dir():
+        raise ConfigError(f"--demo: no demo data beside this installation of osad ({folder} does not exist: the "
+                          f"demo's slice of SMD, {DEMO_DATASET_IN_REPO}, is in the repository, not in the package); "
+                          "give an SMD folder (train/, test/, test_label/) with --demo-dataset DIR (env "
+                          f"OSAD_DEMO_DATASET), e.g. {DEMO_DATASET_IN_REPO} of a clone of osad or the full SMD "
+                          "(github.com/NetManAIOps/OmniAnomaly)")
+    return folder
+
+
 def load_demo(cfg: UpConfig) -> DemoPlan:
     """Read the demo entity (clear errors naming --demo-dataset / --demo-entity), plan its replay and
     write its train ranges for the featurizer, as ``osad replay --write-ranges`` does."""
@@ -220,10 +238,11 @@ def load_demo(cfg: UpConfig) -> DemoPlan:
     from osad.core.datasets import DatasetError, list_entities, load_entity
     from osad.core.signature import write_ranges_file
 
-    folder = Path(cfg.demo_dataset)
+    folder = Path(cfg.demo_dataset) if cfg.demo_dataset else demo_dataset()
     if not folder.is_dir():
         raise ConfigError(f"--demo-dataset {folder}: no such folder; give the SMD data set folder (train/, test/, "
-                          "test_label/) with --demo-dataset DIR (env OSAD_DEMO_DATASET)")
+                          f"test_label/) with --demo-dataset DIR (env OSAD_DEMO_DATASET), e.g. {DEMO_DATASET_IN_REPO} "
+                          "of a clone of osad")
     try:
         names = list_entities(folder)
         if cfg.demo_entity not in names:

@@ -106,12 +106,12 @@ def test_malformed_messages_go_to_dead_letter_and_processing_goes_on(broker, top
 
 def test_sigterm_mid_stream_then_restart_loses_no_window(broker, topic_prefix, tmp_path, datasets_dir):
     smd = datasets_dir / "SMD"
-    ranges = write_ranges(tmp_path, smd, "machine-2-1")
+    ranges = write_ranges(tmp_path, smd, "machine-1-6")  # the entity with 3000 test rows in the repository's slice
     n = 3000
-    first = load_entity(smd, "machine-2-1", with_test=False).train.shape[0]
+    first = load_entity(smd, "machine-1-6", with_test=False).train.shape[0]
     exp = set(expected_ends(n, first))
     f1, port = featurizer(tmp_path, broker, "f1", ranges=ranges)
-    rp = replay(tmp_path, broker, smd, "--entity", "machine-2-1", "--split", "test", "--limit", str(n),
+    rp = replay(tmp_path, broker, smd, "--entity", "machine-1-6", "--split", "test", "--limit", str(n),
                 "--rate", "400")
     reader = TopicReader(broker.bootstrap, SIGNATURES, prefix=topic_prefix)
     reader.read_until(lambda r: len(r) >= 30, 120, "the first windows")

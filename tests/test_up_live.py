@@ -14,7 +14,7 @@ from osad.live import (ENTITY_COLUMNS, IN, OUT, SERVICE_COLUMNS, LiveView, Probe
 from osad.up import DEMO_CALIBRATION_SCORES, DEMO_CS_CALIBRATE, DEMO_LEAD_ROWS, label_segments, plan_demo
 from osad.runtime.config import ConfigError
 from osad.schemas import Anomaly, Sample, Score, encode
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 
 
 # -- metrics text -> rows ------------------------------------------------------------------------
@@ -180,6 +180,15 @@ def test_bad_options_are_named(tmp_path, capsys):
     assert "--demo-rate" in capsys.readouterr().err
 
 
+def test_the_demo_data_is_the_repository_slice_and_an_install_without_it_says_what_to_pass(tmp_path):
+    from osad.up import DEMO_DATASET_IN_REPO, demo_dataset
+
+    assert demo_dataset() == ROOT / DEMO_DATASET_IN_REPO  # beside the package's source folder (editable install)
+    with pytest.raises(ConfigError, match="--demo-dataset DIR") as e:
+        demo_dataset(tmp_path / "site-packages" / "osad")  # a wheel install: no tests/ around it
+    assert "not in the package" in str(e.value)
+
+
 def test_demo_entity_must_exist(tmp_path, capsys, datasets_dir):
     from osad.cli import main
 
@@ -193,7 +202,7 @@ def test_demo_entity_must_exist(tmp_path, capsys, datasets_dir):
 
 @pytest.mark.broker
 @pytest.mark.slow
-def test_demo_shows_an_anomaly_of_the_replayed_entity_within_two_minutes(tmp_path, datasets_dir, monkeypatch):
+def test_demo_shows_an_anomaly_of_the_replayed_entity_within_two_minutes(tmp_path, monkeypatch):
     from osad.alerter.store import StoreError, open_store
     from osad.runtime.broker import free_port
 
@@ -202,8 +211,8 @@ def test_demo_shows_an_anomaly_of_the_replayed_entity_within_two_minutes(tmp_pat
     state = tmp_path / "state"
     out = open(tmp_path / "up.log", "wb")
     p = subprocess.Popen(
-        [sys.executable, "-m", "osad", "up", "--demo", "--no-view", "--run-for-s", "600",
-         "--demo-dataset", str(datasets_dir / "SMD"), "--broker-port", str(bport), "--metrics-base-port", str(mport),
+        [sys.executable, "-m", "osad", "up", "--demo", "--no-view", "--run-for-s", "600",  # its default data
+         "--broker-port", str(bport), "--metrics-base-port", str(mport),
          "--log-dir", str(tmp_path / "logs"), "--state-dir", str(state)],
         stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
@@ -223,6 +232,7 @@ def test_demo_shows_an_anomaly_of_the_replayed_entity_within_two_minutes(tmp_pat
         assert found[0].entity_id == "SMD/machine-1-6"
         text = (tmp_path / "up.log").read_text()
         assert "anomaly labelled at rows" in text and "collector is not started" in text
+        assert "from " + str(ROOT / "tests" / "data" / "datasets" / "SMD") in text  # the repository's slice
     finally:
         p.send_signal(signal.SIGTERM)
         rc = p.wait(60)
