@@ -24,6 +24,8 @@ from .display import ratio_text, utc_ts
 from .store import DEFAULT_STORE, STATE_TTL_S, STORE_HELP
 
 WEBHOOKS, SOURCES = "webhooks", "sources"
+#: ``--webhook-format``: the anomaly's own JSON, or Alertmanager's webhook payload (alerter/sinks.py)
+WEBHOOK_FORMATS = ("osad", "alertmanager")
 
 
 def _store(default: str | None = DEFAULT_STORE, help: str = STORE_HELP, **kw):
@@ -126,8 +128,16 @@ class AlertConfig(Config):
     service: ServiceConfig = section(ServiceConfig, group="osad-alerter")
     store: str = _store()
     webhook: list[str] = setting([], repeat=" ", parse=_webhook_url, metavar="URL",
-                                 help="also POST each anomaly's JSON here (background, retries with backoff, "
-                                 "never blocks)")
+                                 help="also POST each anomaly here, as its JSON or as --webhook-format gives "
+                                 "(background, retries with backoff, never blocks)")
+    webhook_format: str = setting("osad", group=WEBHOOKS, choices=WEBHOOK_FORMATS,
+                                  help="what each --webhook POST carries: osad (the anomaly's JSON, as on the topic) "
+                                  "or alertmanager (Alertmanager's webhook payload, version 4: firing while the "
+                                  "incident is open, resolved with endsAt when it closes; see docs/observability.md)")
+    webhook_link: str | None = setting(None, group=WEBHOOKS, metavar="URL",
+                                       help="with --webhook-format alertmanager: the alerts' generatorURL, with "
+                                       "{entity}, {host} and {anomaly_id} replaced, e.g. a Grafana dashboard "
+                                       "https://grafana.example/d/osad?var-entity={entity}")
     jsonl: str | None = setting(None, help="also append each anomaly as one JSON line to this file")
     engine: AlerterConfig = section(AlerterConfig)
     state_ttl_s: float = setting(STATE_TTL_S, group=INCIDENTS, check=positive,
@@ -149,7 +159,7 @@ def run_alert(args) -> int:
     from osad.runtime.service import run_transform
 
     from .service import Alerter
-    from .sinks import JsonlSink, SinkError, WebhookSink
+    from .sinks import AlertmanagerWebhookSink, JsonlSink, SinkError, WebhookSink
     from .store import StoreError, open_store
 
     cfg = AlertConfig.from_args(args)
@@ -159,10 +169,16 @@ def run_alert(args) -> int:
     except StoreError as e:
         raise ConfigError(f"--store: {e}") from None
     sinks = []
+    if cfg.webhook_link and cfg.webhook_format != "alertmanager":
+        logging.getLogger("osad.alerter").warning("--webhook-link is used only with --webhook-format alertmanager")
     try:
         for url in cfg.webhook:
-            sinks.append(WebhookSink(url, queue_size=cfg.webhook_queue, retries=cfg.webhook_retries,
-                                     backoff_s=cfg.webhook_backoff_s, timeout_s=cfg.webhook_timeout_s))
+            delivery = dict(queue_size=cfg.webhook_queue, retries=cfg.webhook_retries,
+                            backoff_s=cfg.webhook_backoff_s, timeout_s=cfg.webhook_timeout_s)
+            if cfg.webhook_format == "alertmanager":
+                sinks.append(AlertmanagerWebhookSink(url, link=cfg.webhook_link, **delivery))
+            else:
+                sinks.append(WebhookSink(url, **delivery))
         if cfg.jsonl:
             sinks.append(JsonlSink(cfg.jsonl))
     except SinkError as e:

@@ -8,21 +8,39 @@ has its state persisted, and a restart resumes from the store without re-calibra
 second anomaly for the same incident and without forgetting an open one. If the store cannot be
 written, the offsets of the Scores since the last good write are retained (not committed) and the
 write is retried at the next commit.
+
+Metrics (``bind_metrics``) besides the runtime's: events, anomaly states by status, incidents opened and
+closed by severity and scope, sink deliveries, store errors, entities and open incidents, a histogram of
+score / threshold of the judged Scores by model family, and two families rendered from the engine's memory
+at scrape time (:class:`_StateCollector`), so a series exists exactly while its entity is in memory (at most
+``--max-entities``; an entity leaves after ``--idle-timeout-s`` without Scores, when it is the least recently
+seen over the cap, or when its partition moves): ``osad_alerter_threshold{entity, host, model}`` (the threshold
+each judged stream is judged by) and ``osad_alerter_incident_max_ratio{entity, host, scope, severity}`` (each
+open incident's largest score / threshold).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
+from prometheus_client.core import GaugeMetricFamily
+
 from osad.runtime.service import InputMeta, Output, Transform
 from osad.runtime.sinks import Sink
-from osad.schemas import ANOMALIES, SCORES, Anomaly, Score
+from osad.schemas import ANOMALIES, SCORES, SEVERITIES, Anomaly, Score
 
 from .config import AlerterConfig
 from .core import Engine
+from .incidents import severity_of
 from .store import STATE_TTL_S, Store, StoreError
+from .thresholds import model_family
+
+#: buckets of osad_alerter_score_ratio (score / threshold); 1.5, 3 and 10 are the severity bounds
+RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 3.0, 10.0, 30.0, 100.0)
+SCOPES = ("entity", "host")
 
 log = logging.getLogger("osad.alerter")
 
@@ -61,14 +79,40 @@ class Alerter(Transform):
             "store_errors": metrics.counter("osad_alerter_store_errors", "Failed store writes or reads"),
             "entities": metrics.gauge("osad_alerter_entities", "Entities held in memory"),
             "open": metrics.gauge("osad_alerter_open_incidents", "Open incidents held in memory"),
+            "opened": metrics.counter("osad_alerter_incidents_opened", "Incidents opened (anomalies published "
+                                      "with status open), by severity at opening and scope (entity, host)",
+                                      ("severity", "scope")),
+            "closed": metrics.counter("osad_alerter_incidents_closed", "Incidents closed, by final severity and "
+                                      "scope (entity, host)", ("severity", "scope")),
+            "ratio": metrics.histogram("osad_alerter_score_ratio", "Score / threshold of the judged Scores, by "
+                                       "model family (over 1: over threshold)", RATIO_BUCKETS, ("model",)),
         }
+        for sev in SEVERITIES:  # every series exists from the start, so the first increment shows in rate()
+            for scope in SCOPES:
+                self._m["opened"].labels(sev, scope)
+                self._m["closed"].labels(sev, scope)
+        metrics.add_collector(_StateCollector(self, metrics.service))
 
     # -- transform ---------------------------------------------------------------------------
     def process(self, msg: Score, meta: InputMeta):
         with self._lock:
             self._partition[msg.entity_id] = meta.partition
             self._unsaved_from.setdefault(meta.partition, meta.offset)
-            return self._out(self.engine.observe(msg, self.clock()))
+            if self._m is None:
+                return self._out(self.engine.observe(msg, self.clock()))
+            c = self.engine.counters
+            before = c["duplicate"], c["calibrated"]
+            out = self._out(self.engine.observe(msg, self.clock()))
+            if (c["duplicate"], c["calibrated"]) == before:  # neither a duplicate nor calibration's last score
+                self._observe_ratio(msg)
+            return out
+
+    def _observe_ratio(self, msg: Score) -> None:
+        ent = self.engine.entities.get(msg.entity_id)
+        st = ent.streams.get(msg.model_id) if ent is not None else None
+        thr = st.judged_threshold if st is not None and st.last_seq == msg.window_end_seq else None
+        if thr is not None and math.isfinite(msg.score):  # judged (a calibrating stream has no judged threshold)
+            self._m["ratio"].labels(model_family(msg.model_id)).observe(msg.score / thr)
 
     def tick(self, now: float):
         with self._lock:
@@ -175,6 +219,8 @@ class Alerter(Transform):
             self._to_sinks.append(a)
             if self._m:
                 self._m["anomalies"].labels(a.status).inc()
+                if a.status in ("open", "closed"):
+                    self._m["opened" if a.status == "open" else "closed"].labels(a.severity, a.scope).inc()
             log.info("anomaly %s rev %d %s %s: %s", a.anomaly_id[:12], a.revision, a.status, a.severity, a.summary)
             out.append(Output(ANOMALIES, a, key=a.entity_id))
         return out
@@ -195,3 +241,51 @@ class Alerter(Transform):
                     self._seen[(s.name, k)] = v
         self._m["entities"].set(len(self.engine.entities))
         self._m["open"].set(self.engine.open_incidents())
+
+
+class _StateCollector:
+    """``osad_alerter_threshold`` and ``osad_alerter_incident_max_ratio``, rendered from the engine's memory
+    when /metrics is scraped (under the alerter's lock): nothing to remove when an entity leaves memory."""
+
+    def __init__(self, alerter: Alerter, service: str):
+        self.alerter, self.service = alerter, service
+
+    def _families(self):
+        thr = GaugeMetricFamily("osad_alerter_threshold", "Threshold each judged stream (entity, model family) is "
+                                "judged by; streams still calibrating have none",
+                                labels=["service", "entity", "host", "model"])
+        ratio = GaugeMetricFamily("osad_alerter_incident_max_ratio", "Largest score / threshold of each open "
+                                  "incident (entity or host-wide event), with its severity",
+                                  labels=["service", "entity", "host", "scope", "severity"])
+        return thr, ratio
+
+    def describe(self):
+        return list(self._families())
+
+    def collect(self):
+        thr, ratio = self._families()
+        al = self.alerter
+        stale = al.cfg.stale_windows
+        with al._lock:
+            for eid, ent in al.engine.entities.items():
+                host = str(ent.ref.get("host") or "")
+                live: dict[str, tuple[int, float]] = {}  # family -> (last seq, threshold) of its newest stream
+                for st in ent.streams.values():
+                    if st.judged_threshold is None or st.last_seq is None \
+                            or ent.max_seq - st.last_seq > stale * max(st.gap, 1):
+                        continue
+                    fam = model_family(st.model_id)
+                    if fam not in live or st.last_seq > live[fam][0]:
+                        live[fam] = (st.last_seq, st.judged_threshold)
+                for fam, (_, value) in sorted(live.items()):
+                    thr.add_metric([self.service, eid, host, fam], value)
+                if ent.incident is not None:
+                    inc = ent.incident
+                    ratio.add_metric([self.service, eid, host, "entity", severity_of(inc.max_ratio)], inc.max_ratio)
+            for hs in al.engine.hosts.values():
+                if hs.incident is not None:
+                    inc = hs.incident
+                    ratio.add_metric([self.service, hs.key, hs.host, "host", severity_of(inc.max_ratio)],
+                                     inc.max_ratio)
+        yield thr
+        yield ratio

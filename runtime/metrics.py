@@ -35,8 +35,14 @@ class ServiceMetrics:
         g = Gauge(name, doc, ["service", *labels], registry=self.registry)
         return _Bound(g, {"service": self.service}) if labels else g.labels(service=self.service)
 
-    def histogram(self, name: str, doc: str, buckets):
-        return Histogram(name, doc, ["service"], buckets=buckets, registry=self.registry).labels(service=self.service)
+    def histogram(self, name: str, doc: str, buckets, labels: tuple[str, ...] = ()):
+        h = Histogram(name, doc, ["service", *labels], buckets=buckets, registry=self.registry)
+        return _Bound(h, {"service": self.service}) if labels else h.labels(service=self.service)
+
+    def add_collector(self, collector) -> None:
+        """Register a custom collector (``collect()`` yields metric families, e.g. rendered from a transform's
+        state at scrape time, so a series exists exactly as long as the state it shows)."""
+        self.registry.register(collector)
 
 
 class _Bound:
