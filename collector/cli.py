@@ -69,7 +69,7 @@ def run_collect(args: argparse.Namespace) -> int:
         c.sink = open_sink(cfg.output, bootstrap=cfg.kafka.bootstrap, prefix=cfg.kafka.topic_prefix,
                            metric_names=c.metric_names)
         if cfg.service.metrics_port:
-            status = _serve_status(c, cfg.service.metrics_port)
+            status = _serve_status(c, cfg.service)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, c.stop)
         c.prime()  # opening the output (a broker connection) took time: the first interval starts now
@@ -104,8 +104,8 @@ def _stop_children(c) -> None:
                 ch.kill()
 
 
-def _serve_status(c, port: int):
-    """/metrics (Samples published, kernel events per interval) and /healthz on ``port``."""
+def _serve_status(c, service):
+    """/metrics (Samples published, kernel events per interval) and /healthz on the service's metrics port."""
     from osad.runtime.http import StatusServer
     from osad.runtime.metrics import ServiceMetrics
 
@@ -123,4 +123,5 @@ def _serve_status(c, port: int):
         return True, {"service": "collector", "status": "ok", "backend": c.backend.name, "intervals": c.intervals,
                       "samples": c.samples_out, "fallback_reason": c.fallback_reason}
 
-    return StatusServer(port, m, health).start()
+    return StatusServer(service.metrics_port, m, health, span=service.metrics_port_span,
+                        port_file=service.metrics_port_file or None).start()

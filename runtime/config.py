@@ -361,6 +361,11 @@ class ServiceConfig(Config):
                          "(default: osad-<service>)")
     metrics_port: int = setting(0, help="serve Prometheus /metrics and /healthz on this port (0: off)",
                                 check=non_negative)
+    metrics_port_span: int = setting(1, check=positive, metavar="N",
+                                     help="when the metrics port is taken, try the next N-1 ports too (replicas "
+                                     "sharing one host network)")
+    metrics_port_file: str = setting("", metavar="PATH", help="write the metrics port actually served to PATH "
+                                     "(the images' healthcheck reads it)")
     log_level: str = setting("INFO", help="log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -14,8 +15,15 @@ log = logging.getLogger("osad.http")
 
 
 class StatusServer:
-    def __init__(self, port: int, metrics, health: Callable[[], tuple[bool, dict]], host: str = "0.0.0.0"):
+    """Serve ``/metrics`` and ``/healthz`` on ``port``, or, when it is taken, on the first free one of the
+    ``span`` ports from it upward (replicas that share one host network: compose ``network_mode: host``).
+    The port actually served is ``self.port``, and is written to ``port_file`` when one is given (the
+    images' healthcheck reads it, so a replica checks itself, not a neighbour on the next port)."""
+
+    def __init__(self, port: int, metrics, health: Callable[[], tuple[bool, dict]], host: str = "0.0.0.0",
+                 span: int = 1, port_file: str | None = None):
         self.port, self.host, self.metrics, self.health = port, host, metrics, health
+        self.span, self.port_file = max(1, span), port_file
         self.httpd: ThreadingHTTPServer | None = None
 
     def start(self) -> "StatusServer":
@@ -39,15 +47,27 @@ class StatusServer:
             def log_message(self, *a):
                 pass
 
-        try:
-            self.httpd = ThreadingHTTPServer((self.host, self.port), Handler)
-        except OSError as e:
-            raise OSError(f"cannot serve metrics on port {self.port}: {e}; choose another with --metrics-port") from None
+        first, err = self.port, None
+        for port in range(first, first + self.span):
+            try:
+                self.httpd = ThreadingHTTPServer((self.host, port), Handler)
+                self.port = port
+                break
+            except OSError as e:
+                err = e
+        if self.httpd is None:
+            where = f"port {first}" if self.span == 1 else f"ports {first}-{first + self.span - 1}"
+            raise OSError(f"cannot serve metrics on {where}: {err}; choose another with --metrics-port "
+                          "(or allow more with --metrics-port-span)") from None
+        if self.port_file:
+            Path(self.port_file).write_text(f"{self.port}\n")
         threading.Thread(target=self.httpd.serve_forever, name="osad-status", daemon=True).start()
         log.info("metrics on http://%s:%d/metrics, health on /healthz", self.host, self.port)
         return self
 
     def stop(self) -> None:
+        if self.port_file:
+            Path(self.port_file).unlink(missing_ok=True)
         if self.httpd:
             self.httpd.shutdown()
             self.httpd.server_close()

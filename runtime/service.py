@@ -125,6 +125,8 @@ class RunnerConfig:
     client_id: str = ""
     topic_prefix: str = ""
     metrics_port: int = 0
+    metrics_port_span: int = 1
+    metrics_port_file: str = ""
     poll_timeout_ms: int = 200
     max_poll_records: int = 500
     commit_interval_s: float = 1.0
@@ -170,7 +172,8 @@ class ServiceRunner:
             max_poll_interval_ms=self.cfg.max_poll_interval_ms, session_timeout_ms=self.cfg.session_timeout_ms,
         )
         if self.cfg.metrics_port:
-            self.status = StatusServer(self.cfg.metrics_port, self.metrics, self.health).start()
+            self.status = StatusServer(self.cfg.metrics_port, self.metrics, self.health, span=self.cfg.metrics_port_span,
+                                       port_file=self.cfg.metrics_port_file or None).start()
         self.consumer.subscribe([self.t.input.full_name(self.cfg.topic_prefix)], listener=_Rebalance(self))
         log.info("%s: consuming %s as group %s from %s", self.t.name, self.t.input.full_name(self.cfg.topic_prefix), self.cfg.group,
                  self.cfg.bootstrap)
@@ -375,5 +378,6 @@ def run_transform(transform: Transform, kafka: KafkaConfig, service: ServiceConf
     group = group or service.group or f"osad-{transform.name}"
     if prefix and not group.startswith(prefix):
         group = prefix + group  # installations that share a cluster share no consumer group either
-    cfg = RunnerConfig(bootstrap=kafka.bootstrap, group=group, topic_prefix=prefix, metrics_port=service.metrics_port)
+    cfg = RunnerConfig(bootstrap=kafka.bootstrap, group=group, topic_prefix=prefix, metrics_port=service.metrics_port,
+                       metrics_port_span=service.metrics_port_span, metrics_port_file=service.metrics_port_file)
     return ServiceRunner(transform, cfg).run()

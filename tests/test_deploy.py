@@ -1,8 +1,10 @@
 """docker-compose.yml and the Dockerfiles, checked offline (no Docker engine here)."""
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -45,7 +47,11 @@ def test_services_and_their_shape(compose):
         assert "container_name" not in s[name], f"{name} is scalable: no container_name"
         assert "ports" not in s[name], f"{name} is scalable: no fixed host port"
     col = s["collector"]
-    assert col.get("privileged") is True and col.get("pid") == "host"
+    # named capabilities, never privileged (refused by hardened engines, and more than eBPF needs)
+    assert "privileged" not in col and col.get("pid") == "host"
+    assert set(col["cap_add"]) == {"SYS_ADMIN", "SYS_PTRACE"}
+    assert {"seccomp=unconfined", "apparmor=unconfined"} <= set(col["security_opt"])
+    assert all("privileged" not in svc for svc in s.values())
     mounts = {v.split(":")[1]: v.split(":")[-1] for v in col["volumes"]}
     assert mounts["/lib/modules"] == "ro" and mounts["/usr/src"] == "ro" and mounts["/sys/kernel/tracing"] == "ro"
     # the GPU reservation is opt-in: only in the gpu profile
@@ -76,3 +82,41 @@ def test_each_service_has_an_image_whose_command_exists(compose):
         assert cmd in have, f"{name} runs `osad {cmd}`, which does not exist"
         for pkg in ("osad", "schemas", "runtime", "core", "collector", "featurizer", "detector", "alerter"):
             assert f"COPY {pkg} {pkg}" in text, f"{name}: the image must copy {pkg} (osad installs as one namespace)"
+
+def test_healthchecks_follow_the_configured_metrics_port(compose, tmp_path):
+    """Every image's healthcheck asks the service on the port it serves (OSAD_METRICS_PORT, or the one it
+    wrote to OSAD_METRICS_PORT_FILE), never a fixed 9400; checked against a real status server."""
+    from osad.healthcheck import served_port
+    from osad.runtime.broker import free_port
+    from osad.runtime.http import StatusServer
+    from osad.runtime.metrics import ServiceMetrics
+
+    for name, svc in compose["services"].items():
+        text = image_text(svc)
+        if not text:
+            continue
+        hc = last(r"^HEALTHCHECK .*", text)
+        assert hc and "osad.healthcheck" in hc and "9400" not in hc, f"{name}: {hc}"
+    # the port file wins over the variable, and a taken port moves the server up within its span
+    taken = StatusServer(free_port(), ServiceMetrics("a"), lambda: (True, {})).start()
+    f = tmp_path / "port"
+    try:
+        moved = StatusServer(taken.port, ServiceMetrics("b"), lambda: (True, {"who": "b"}), span=50,
+                             port_file=str(f)).start()
+        try:
+            assert moved.port != taken.port and f.read_text().strip() == str(moved.port)
+            env = {"OSAD_METRICS_PORT": str(taken.port), "OSAD_METRICS_PORT_FILE": str(f)}
+            assert served_port(env) == moved.port
+            p = subprocess.run([sys.executable, "-m", "osad.healthcheck"], env=dict(os.environ, **env),
+                               capture_output=True, text=True)
+            assert p.returncode == 0, p.stderr
+        finally:
+            moved.stop()
+        assert not f.exists()  # a stopped server leaves no stale port behind
+        env = {"OSAD_METRICS_PORT": str(taken.port), "OSAD_METRICS_PORT_FILE": str(f)}
+        p = subprocess.run([sys.executable, "-m", "osad.healthcheck"], env=dict(os.environ, **env),
+                           capture_output=True, text=True)
+        assert p.returncode == 1 and "not written yet" in p.stderr
+        assert served_port({"OSAD_METRICS_PORT": str(taken.port)}) == taken.port
+    finally:
+        taken.stop()

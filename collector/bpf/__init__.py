@@ -34,6 +34,18 @@ def tracefs_dir() -> Path | None:
     return None
 
 
+def missing_capabilities(caps: int) -> list[str]:
+    """The capabilities loading osad's BPF programs needs that the effective set ``caps`` lacks: CAP_SYS_ADMIN,
+    or both CAP_BPF and CAP_PERFMON (kernels >= 5.8). Empty when it may load.
+
+    >>> missing_capabilities(1 << 21), missing_capabilities((1 << 38) | (1 << 39)), missing_capabilities(1 << 39)
+    ([], [], ['CAP_SYS_ADMIN (or CAP_BPF+CAP_PERFMON)'])
+    """
+    if caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_PERFMON & 1):
+        return []
+    return ["CAP_SYS_ADMIN (or CAP_BPF+CAP_PERFMON)"]
+
+
 def _effective_caps() -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -50,9 +62,14 @@ def unavailable_reason() -> str | None:
         return f"disabled by {FORCE_NO_EBPF_ENV}={os.environ[FORCE_NO_EBPF_ENV]}"
     if not sys.platform.startswith("linux"):
         return f"eBPF needs Linux (this is {sys.platform})"
-    caps = _effective_caps()
-    if os.geteuid() != 0 and not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_PERFMON & 1)):
-        return "not root (run as root, or with CAP_BPF+CAP_PERFMON, e.g. `sudo osad collect ...`)"
+    missing = missing_capabilities(_effective_caps())
+    if missing:
+        if os.geteuid() != 0:
+            return (f"not root and missing {' and '.join(missing)} (run as root, e.g. `sudo osad collect ...`, "
+                    "or grant CAP_BPF+CAP_PERFMON)")
+        return (f"root, but without {' and '.join(missing)} (a container? give it the capabilities by name: "
+                "compose `cap_add: [SYS_ADMIN, SYS_PTRACE]`, docker run `--cap-add SYS_ADMIN --cap-add SYS_PTRACE`, "
+                "Kubernetes securityContext.capabilities.add; see docs/deploy.md)")
     try:
         import bcc  # noqa: F401
     except ImportError:
