@@ -72,7 +72,8 @@ RUN case "$TORCH_VARIANT" in \
       *)    echo "TORCH_VARIANT must be cpu or cuda, not '$TORCH_VARIANT'" >&2; exit 2 ;; \
     esac \
     && pip install ".[detector]" \
-    && mkdir -p /var/lib/osad/models && chown -R osad /var/lib/osad
+    && mkdir -p /var/lib/osad/models /var/lib/osad/detector && chown -R osad /var/lib/osad
 USER osad
+ENV OSAD_STATE_DIR=/var/lib/osad/detector
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 CMD ["python", "-m", "osad.healthcheck"]
 ENTRYPOINT ["osad", "detect"]

@@ -598,6 +598,31 @@ class CalibratedCSScorer(Scorer):
         self.pdc_loc_, self.pdc_scale_ = self._range(self._tail_mean(d))
         return self
 
+    #: what fit() learns: plain arrays, so a calibration can be saved and restored (detector/calibrations.py)
+    STATE = ("pca_mean_", "components_", "cs_loc_", "cs_scale_", "pca_loc_", "pca_scale_", "pdc_loc_", "pdc_scale_")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The fitted arrays (raises before fit)."""
+        if not self.fitted:
+            raise ValueError("CalibratedCSScorer.state: not fitted")
+        return {k: np.asarray(getattr(self, k), dtype=np.float64) for k in self.STATE}
+
+    def with_state(self, arrays: dict) -> "CalibratedCSScorer":
+        """A fitted copy of this scorer from :meth:`state`'s arrays; checks their shapes agree."""
+        missing = [k for k in self.STATE if k not in arrays]
+        if missing:
+            raise ValueError(f"calibration state lacks {', '.join(missing)}")
+        a = {k: np.asarray(arrays[k], dtype=np.float64) for k in self.STATE}
+        n = a["pca_mean_"].shape[0] if a["pca_mean_"].ndim == 1 else -1
+        if n < 1 or a["components_"].ndim != 2 or a["components_"].shape[1] != n \
+                or any(a[k].shape != (n,) for k in self.STATE if k not in ("components_",)):
+            raise ValueError("calibration state arrays have inconsistent shapes "
+                             f"{ {k: v.shape for k, v in a.items()} }")
+        out = self.clone()
+        for k, v in a.items():
+            setattr(out, k, v)
+        return out
+
     def _range(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         loc = np.median(a, axis=0)
         return loc, np.maximum(np.quantile(a, self.quantile, axis=0) - loc, self.floor)

@@ -59,6 +59,7 @@ from osad.schemas import Score, SignatureWindow
 from osad.schemas.wire import unpack_symmetric
 
 from .base import Scorer, WindowBatch
+from .calibrations import CalibrationStore
 from .cs import CalibratedCSScorer, CSScorer
 from .folder import Checkpoint, CheckpointFolder
 from .online import OnlineTrainer
@@ -90,8 +91,10 @@ class Engine:
 
     def __init__(self, cs: CSScorer | None, config: EngineConfig = EngineConfig(),
                  folder: CheckpointFolder | None = None, trainer: OnlineTrainer | None = None,
-                 calibrated: Scorer | None = None, on_model_call: ModelCallObserver | None = None):
+                 calibrated: Scorer | None = None, on_model_call: ModelCallObserver | None = None,
+                 store: CalibrationStore | None = None):
         self.cs = cs
+        self.store = store  # calibrations on disk: kept across restarts, shared by replicas
         self.config = config
         if calibrated is None and cs is not None and config.cs_calibrate:
             calibrated = CalibratedCSScorer.from_jump_start(cs)
@@ -168,6 +171,8 @@ class Engine:
         by_entity: dict[str, list[SignatureWindow]] = {}
         for w in windows:
             eid = w.entity_id
+            if self.store is not None and eid not in self._fitted and eid not in self._buffers:
+                self._restore(eid, gap, w)
             if eid in self._fitted:
                 by_entity.setdefault(eid, []).append(w)
                 continue
@@ -177,7 +182,7 @@ class Engine:
                 buf.clear()  # the entity's feature set changed: start again
             buf.append(w.values)
             if len(buf) >= self.config.cs_calibrate:
-                self._fit_entity(eid, gap, self._buffers.pop(eid))
+                self._fit_entity(eid, gap, self._buffers.pop(eid), w)
         out = self._run(jump, fresh) if fresh else []
         for eid, ws in by_entity.items():
             if eid in self._fitted:  # (an entity fitted in this chunk may already be evicted again)
@@ -187,17 +192,34 @@ class Engine:
                 out += self._run(jump, ws)
         return out
 
-    def _fit_entity(self, eid: str, gap: int, values: list[np.ndarray]) -> None:
+    def _fit_entity(self, eid: str, gap: int, values: list[np.ndarray], last: SignatureWindow) -> None:
         sc = self.calibrated.clone(gap=gap)
         try:
             sc.fit(WindowBatch(None, np.stack(values)))
         except Exception as e:  # keep scoring with the jump-start scorer; say why
             log.warning("could not calibrate compressed sensing for %s: %s", eid, e)
             return
+        self._keep(eid, sc)
+        log.info("compressed sensing calibrated for %s on %d windows", eid, len(values))
+        if self.store is not None:
+            try:
+                self.store.save(eid, sc, last.features, last.scaling_id)
+            except OSError as e:  # scoring goes on; only the restart would calibrate again
+                log.warning("could not save the calibration of %s to %s: %s", eid, self.store.folder, e)
+
+    def _restore(self, eid: str, gap: int, w: SignatureWindow) -> None:
+        """The entity's calibration from the store, when one was saved for these features and scaling."""
+        if not isinstance(self.calibrated, CalibratedCSScorer):
+            return
+        sc = self.store.load(eid, self.calibrated.clone(gap=gap), w.features, w.scaling_id)
+        if sc is not None:
+            self._keep(eid, sc)
+            log.info("compressed sensing calibration of %s restored from %s", eid, self.store.folder)
+
+    def _keep(self, eid: str, sc: Scorer) -> None:
         self._fitted[eid] = sc
         while len(self._fitted) > self.config.cs_max_entities:
             self._fitted.popitem(last=False)
-        log.info("compressed sensing calibrated for %s on %d windows", eid, len(values))
 
     def _jump_start(self, gap: int) -> Scorer:
         """The jump-start scorer for windows of this gap (it scores the newest gap points)."""

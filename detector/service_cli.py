@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from osad.runtime.config import Config, KafkaConfig, ServiceConfig, section, setting, setup_logging
+from osad.runtime.config import Config, ConfigError, KafkaConfig, ServiceConfig, section, setting, setup_logging
 from osad.runtime.service import run_transform
 
+from .calibrations import CalibrationStore
 from .engine import Engine, EngineConfig
 from .folder import CheckpointFolder, ModelsConfig
 from .online import OnlineConfig, OnlineTrainer
@@ -30,6 +31,9 @@ class DetectConfig(Config):
     batching: BatchConfig = section(BatchConfig)
     cs: bool = setting(True, negate=True, flag="--no-cs", help="do not score with compressed sensing")
     engine: EngineConfig = section(EngineConfig)
+    state_dir: str = setting("", metavar="DIR", help="keep each entity's compressed-sensing calibration in DIR, so a "
+                             "restarted detector, or a replica sharing DIR that takes over the entity, goes on with "
+                             "it instead of calibrating again (empty: memory only)")
     train_online: bool = setting(False, help="train MSCRED in the background on the first windows of entities no "
                                  "checkpoint matches (they are assumed normal) and save the model into --models")
     online: OnlineConfig = section(OnlineConfig)
@@ -45,7 +49,12 @@ def build_detector(cfg: DetectConfig) -> Detector:
     folder.scan(force=True)
     trainer = OnlineTrainer(cfg.checkpoints.models, cfg.online, device=cfg.checkpoints.torch_device) \
         if cfg.train_online else None
-    engine = Engine(create("cs-faithful") if cfg.cs else None, cfg.engine, folder=folder, trainer=trainer)
+    try:
+        store = CalibrationStore(cfg.state_dir) if cfg.state_dir and cfg.cs else None
+    except OSError as e:
+        raise ConfigError(str(e)) from None
+    engine = Engine(create("cs-faithful") if cfg.cs else None, cfg.engine, folder=folder, trainer=trainer,
+                    store=store)
     return Detector(engine, cfg.batching)
 
 

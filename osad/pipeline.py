@@ -15,8 +15,10 @@ tests/test_pipeline_decl.py checks docker-compose.yml against it.
 
 >>> [s.name for s in PIPELINE]
 ['featurizer', 'detector', 'alerter', 'collector']
->>> command_line(DETECTOR, state="var", bootstrap="k:9092", metrics_port=9401, python="py")
-['py', '-m', 'osad', 'detect', '--bootstrap', 'k:9092', '--topic-prefix', '', '--metrics-port', '9401', '--models', 'var/models']
+>>> command_line(DETECTOR, state="var", bootstrap="k:9092", metrics_port=9401, python="py")[:10]
+['py', '-m', 'osad', 'detect', '--bootstrap', 'k:9092', '--topic-prefix', '', '--metrics-port', '9401']
+>>> DETECTOR.arguments("var")
+['--models', 'var/models', '--state-dir', 'var/detector']
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ class Service:
 
 
 FEATURIZER = Service("featurizer", "featurizer", SAMPLES, (SIGNATURES,), ("--state-dir", "{state}/featurizer"))
-DETECTOR = Service("detector", "detect", SIGNATURES, (SCORES,), ("--models", "{state}/models"),
+DETECTOR = Service("detector", "detect", SIGNATURES, (SCORES,), ("--models", "{state}/models",
+                                                                 "--state-dir", "{state}/detector"),
                    variants=("detector-gpu",))
 ALERTER = Service("alerter", "alert", SCORES, (ANOMALIES,), ("--store", "sqlite:///{state}/alerter/anomalies.db"))
 COLLECTOR = Service("collector", "collect", None, (SAMPLES,), ("--all",), needs_root=True)

@@ -87,6 +87,51 @@ def test_calibrated_scorers_are_bounded_least_recently_used_first():
     assert families(again) == ["cs-jumpstarter"] and eng.calibrating == ["b"]  # b starts over
 
 
+def test_a_saved_calibration_goes_on_after_a_restart_and_in_another_replica(tmp_path, caplog):
+    """With a store, a second engine (a restarted detector, or a replica sharing the folder) scores the entity
+    with the very calibration the first one made, from its first window: the same scores, no jump-start."""
+    from osad.detector.calibrations import CalibrationStore
+
+    first = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5), store=CalibrationStore(tmp_path))
+    first.score(stream("e", 5))
+    later = stream("e", 3, first=59 + 25)
+    want = first.score(later)
+    assert families(want) == ["cs-calibrated"] * 3
+    second = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5), store=CalibrationStore(tmp_path))
+    got = second.score(later)
+    assert [s.model_id for s in got] == [s.model_id for s in want] and second.calibrating == []
+    np.testing.assert_allclose([s.score for s in got], [s.score for s in want], rtol=1e-12)
+    np.testing.assert_allclose([s.contributions for s in got], [s.contributions for s in want], rtol=1e-12)
+    assert second.store.restored == 1
+    # other options, features or scaling: that calibration is not used; the entity calibrates again
+    other = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5),
+                   calibrated=CalibratedCSScorer(gap=5, max_iter=40, quantile=0.99), store=CalibrationStore(tmp_path))
+    assert families(other.score(later)) == ["cs-jumpstarter"] * 3 and other.store.rejected == 1
+    rescaled = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5), store=CalibrationStore(tmp_path))
+    assert families(rescaled.score([window("e", 59 + 25, scaling_id="new")])) == ["cs-jumpstarter"]
+    # a damaged file: said, moved aside, calibrated again; every window still scored
+    path = CalibrationStore(tmp_path).path("e")
+    path.write_bytes(path.read_bytes()[:100])
+    third = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5), store=CalibrationStore(tmp_path))
+    assert families(third.score(later)) == ["cs-jumpstarter"] * 3
+    assert third.store.corrupt == 1 and path.with_suffix(".corrupt").exists() and "unreadable" in caplog.text
+    # an entity evicted from the bounded memory comes back from the store, not from a new calibration
+    small = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5, cs_max_entities=1),
+                   store=CalibrationStore(tmp_path / "lru"))
+    small.score(stream("x", 5) + stream("y", 5))
+    assert small.calibrated_entities == ["y"]
+    assert families(small.score(stream("x", 1, first=59 + 25))) == ["cs-calibrated"]
+
+
+def test_the_state_folder_must_be_writable(tmp_path):
+    from osad.detector.calibrations import CalibrationStore
+
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(OSError, match="--state-dir .*cannot create"):
+        CalibrationStore(f / "sub")
+
+
 def test_the_calibrated_scorer_keeps_the_jump_start_scorers_options():
     eng = Engine(CSScorer(gap=10, max_iter=40, seed=3, sample_rate=0.5), EngineConfig(cs_calibrate=5))
     eng.score(stream("e", 5))  # windows of gap 5

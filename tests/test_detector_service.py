@@ -127,3 +127,37 @@ def test_train_online_adds_mscred_for_an_entity_without_checkpoint(broker, topic
         prod.close()
         assert d.terminate() == 0
         assert f.terminate() == 0
+
+
+def test_a_restarted_detector_goes_on_with_the_calibrations_in_its_state_dir(broker, topic_prefix, tmp_path,
+                                                                            datasets_dir):
+    asd = datasets_dir / "ASD"
+    ranges = write_ranges(tmp_path, asd, "omi-1")
+    state, models = tmp_path / "detector-state", tmp_path / "models"
+    f, _ = featurizer(tmp_path, broker, "f", ranges=ranges)
+    first = load_entity(asd, "omi-1", with_test=False).train.shape[0]
+    args = ("--state-dir", str(state), "--cs-calibrate", "5")
+    d, _ = detector(tmp_path, broker, "d1", models, *args)
+    reader = TopicReader(broker.bootstrap, SCORES, prefix=topic_prefix)
+    try:
+        replay(tmp_path, broker, asd, "--entity", "omi-1", "--split", "test", "--limit", "200").run_to_end()
+        exp1 = set(expected_ends(200, first))
+        assert len(exp1) > 6
+        reader.read_until(lambda r: scores_by(reader, "cs-calibrated").get("ASD/omi-1", set()) >= exp1 - set(
+            sorted(exp1)[:5]), 180, "calibrated scores after the fifth window")
+        assert len(list(state.glob("*.npz"))) == 1
+        assert d.terminate() == 0
+        d, _ = detector(tmp_path, broker, "d2", models, *args)
+        replay(tmp_path, broker, asd, "--entity", "omi-1", "--split", "test", "--skip", "200", "--limit", "60",
+               name="replay2").run_to_end()
+        exp2 = {e for e in expected_ends(260, first) if e not in exp1}
+        assert len(exp2) >= 5
+        reader.read_until(lambda r: scores_by(reader, "cs").get("ASD/omi-1", set()) >= exp1 | exp2, 180,
+                          "scores for the windows after the restart")
+        after = [s for s in reader.messages() if s.window_end_seq in exp2]
+        assert after and all(s.model_id.startswith("cs-calibrated:") for s in after), \
+            {s.model_id.split(":")[0] for s in after}
+        assert "restored" in d.text()
+    finally:
+        assert d.terminate() == 0
+        assert f.terminate() == 0
