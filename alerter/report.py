@@ -150,7 +150,8 @@ def _jsonl_line(line: bytes, out: Collected) -> None:
 # -- Kafka ---------------------------------------------------------------------------------------
 
 def load_kafka(bootstrap: str, out: Collected, topics: Sequence[Topic] = (SAMPLES, SCORES), *,
-               prefix: str | None = None, idle_ms: int = 1500, connect_timeout_s: float = 10.0) -> None:
+               prefix: str | None = None, idle_ms: int = 1500, connect_timeout_s: float = 10.0,
+               security=None) -> None:
     """Read ``topics`` from the beginning of every partition to its end into ``out``.
 
     A group-less reader (runtime/reader.py), nothing committed; topics that do not exist are noted in
@@ -161,7 +162,7 @@ def load_kafka(bootstrap: str, out: Collected, topics: Sequence[Topic] = (SAMPLE
     when no broker answers.
     """
     reader = TopicReader(bootstrap, topics, prefix=prefix or "", skip_missing=True, client_id="osad-report",
-                         max_poll_records=5000, connect_timeout_s=connect_timeout_s)
+                         max_poll_records=5000, connect_timeout_s=connect_timeout_s, security=security)
     try:
         reader.assign()
         for name in reader.topics:
@@ -528,7 +529,7 @@ def _read_kafka(args, out: Collected, topics: Sequence[Topic]) -> None:
     _say(f"reading {', '.join(t.full_name(args.topic_prefix) for t in topics)} from {args.bootstrap} ...")
     try:
         load_kafka(args.bootstrap, out, topics, prefix=args.topic_prefix, idle_ms=args.idle_ms,
-                   connect_timeout_s=args.connect_timeout_s)
+                   connect_timeout_s=args.connect_timeout_s, security=getattr(args, "security", None))
     except BrokerUnavailable as e:
         raise ReportError(f"{e} (or read files with --from-jsonl)") from None
 

@@ -90,7 +90,8 @@ def tail(args) -> int:
     once = args.once and not args.timeout  # what the topic holds now, then stop
     try:
         reader = TopicReader(args.bootstrap, ANOMALIES, prefix=args.topic_prefix, from_beginning=args.from_beginning,
-                             client_id="osad-tail", connect_timeout_s=min(30.0, args.timeout or 30.0))
+                             client_id="osad-tail", connect_timeout_s=min(30.0, args.timeout or 30.0),
+                             security=getattr(args, "security", None))
     except BrokerUnavailable as e:
         print(f"osad tail: {e}", file=sys.stderr)
         return 1

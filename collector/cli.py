@@ -67,7 +67,7 @@ def run_collect(args: argparse.Namespace) -> int:
     status = None
     try:
         c.sink = open_sink(cfg.output, bootstrap=cfg.kafka.bootstrap, prefix=cfg.kafka.topic_prefix,
-                           metric_names=c.metric_names)
+                           metric_names=c.metric_names, security=cfg.kafka.security)
         if cfg.service.metrics_port:
             status = _serve_status(c, cfg.service)
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -133,8 +133,8 @@ def replay(cfg: ReplayConfig) -> int:
     from osad.runtime.kafka import Publisher, ensure_topics  # kafka stays out of `osad --help`
 
     bootstrap, prefix = cfg.kafka.bootstrap, cfg.kafka.topic_prefix
-    ensure_topics(bootstrap, prefix=prefix)
-    pub = Publisher(bootstrap, "osad-replay", prefix=prefix)
+    ensure_topics(bootstrap, prefix=prefix, security=cfg.kafka)
+    pub = Publisher(bootstrap, "osad-replay", prefix=prefix, security=cfg.kafka)
     total = sum(plan.rows(e)[0].shape[0] for e in plan.entities)
     print(f"replaying {total} rows of {len(plan.entities)} entities of {dataset_name(cfg.dir)} "
           f"({cfg.split}) to {SAMPLES.full_name(prefix)} on {bootstrap}"

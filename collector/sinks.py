@@ -37,15 +37,16 @@ class KafkaSink(Sink):
 
     name = "kafka"
 
-    def __init__(self, bootstrap: str, client_id: str = "osad-collector", publisher=None, prefix: str = ""):
+    def __init__(self, bootstrap: str, client_id: str = "osad-collector", publisher=None, prefix: str = "",
+                 security=None):
         from osad.runtime.kafka import Publisher, ensure_topics  # kafka stays out of `osad --help`
         from osad.schemas import SAMPLES
 
         super().__init__()
         self.topic = SAMPLES
         if publisher is None:
-            ensure_topics(bootstrap, (SAMPLES,), prefix=prefix)
-            publisher = Publisher(bootstrap, client_id, prefix=prefix)
+            ensure_topics(bootstrap, (SAMPLES,), prefix=prefix, security=security)
+            publisher = Publisher(bootstrap, client_id, prefix=prefix, security=security)
         self.pub = publisher
 
     def write(self, samples: list) -> None:
@@ -89,11 +90,13 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def open_sink(spec: str, *, bootstrap: str = "", prefix: str = "", metric_names: Iterable[str] = ()) -> Sink:
-    """The sink an --output value names (``metric_names``: the CSV columns)."""
+def open_sink(spec: str, *, bootstrap: str = "", prefix: str = "", metric_names: Iterable[str] = (),
+              security=None) -> Sink:
+    """The sink an --output value names (``metric_names``: the CSV columns; ``security``: the Kafka
+    connection's TLS / SASL, a ``KafkaSecurity``)."""
     kind, path = parse_output(spec)
     if kind == "kafka":
-        return KafkaSink(bootstrap, prefix=prefix)
+        return KafkaSink(bootstrap, prefix=prefix, security=security)
     if kind == "jsonl":
         return JsonlSink(path)
     return CsvSink(path, metric_names)

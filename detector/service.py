@@ -178,6 +178,11 @@ class Detector(Transform):
         return self.process_batch([(msg, meta)])
 
     def process_batch(self, batch):
+        if self.engine.cs is not None:
+            for w, _ in batch:  # refused here, where the runner dead-letters it; in tick() it would stop the service
+                if w.values.shape[0] < 2:
+                    raise ValueError(f"window of {w.entity_id} has {w.values.shape[0]} value row (max scale "
+                                     f"{max(w.scales)}); compressed sensing needs at least 2")
         now = self.clock()
         self.pending.extend((w, meta, now) for w, meta in batch)
         out: list[Output] = []

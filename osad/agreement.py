@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from osad.pipeline import ALERTER, DETECTOR, FEATURIZER, TRANSFORMS, command_line, connection, osad
-from osad.runtime.config import Config, positive, setting
+from osad.runtime.config import Config, KafkaSecurity, positive, section, setting
 from osad.runtime.procs import start_logged, stop_all
 
 
@@ -61,6 +61,13 @@ class AgreementConfig(Config):
     timeout_s: float = setting(1800.0, check=positive,
                                help="give up when the pipeline has not scored every window by then")
     json: str | None = setting(None, help="also write the result to this JSON file")
+    security: KafkaSecurity = section(KafkaSecurity)  # TLS / SASL of a secured --bootstrap
+
+    def validate(self) -> str | None:
+        if not self.bootstrap and self.security.security_protocol != "PLAINTEXT":
+            return (f"--security-protocol {self.security.security_protocol} is for a secured --bootstrap; the "
+                    "embedded broker speaks plaintext")
+        return None
 
 
 def register(sub) -> None:
@@ -136,7 +143,8 @@ def incident_points(anomalies, seq_of, first_seq: int, n: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- running it
 
-def service_commands(plan: Plan, work: Path, bootstrap: str, prefix: str, *, q: float, fence: float) -> dict:
+def service_commands(plan: Plan, work: Path, bootstrap: str, prefix: str, *, q: float, fence: float,
+                     security: KafkaSecurity | None = None) -> dict:
     """The pipeline's transforms (osad.pipeline, their state in ``work``), each set to its part of ``osad
     evaluate``'s protocol: the featurizer scales with the replay's train ranges, the detector fits compressed
     sensing on the train head's windows, the alerter its POT threshold (``q``, ``fence``) on the tail's, and
@@ -147,13 +155,14 @@ def service_commands(plan: Plan, work: Path, bootstrap: str, prefix: str, *, q: 
         ALERTER.name: ["--calibration-scores", str(plan.val_windows), "--q", str(q), "--calibration-fence", str(fence),
                        "--open-after", "1", "--close-after", "1"],
     }
-    return {s.name: command_line(s, state=str(work), bootstrap=bootstrap, prefix=prefix,
+    return {s.name: command_line(s, state=str(work), bootstrap=bootstrap, prefix=prefix, security=security,
                                  overrides=protocol.get(s.name, ())) for s in TRANSFORMS}
 
 
-def replay_args(cfg: AgreementConfig, plan: Plan, bootstrap: str, prefix: str) -> list[str]:
+def replay_args(cfg: AgreementConfig, plan: Plan, bootstrap: str, prefix: str,
+                security: KafkaSecurity | None = None) -> list[str]:
     """``osad replay``'s arguments: the used train rows, then the test rows, of the entity."""
-    return ["replay", cfg.dir, *connection(bootstrap, prefix), "--entity", cfg.entity, "--split", "both",
+    return ["replay", cfg.dir, *connection(bootstrap, prefix, security), "--entity", cfg.entity, "--split", "both",
             "--skip", str(plan.skip), "--limit", str(plan.n_train + plan.n_test)]
 
 
@@ -258,7 +267,8 @@ def _stream(cfg: AgreementConfig, plan: Plan, ent, work: Path) -> dict:
     ev = EvalConfig()  # the offline side's threshold rule, which the alerter must apply too
 
     prefix = f"agree{uuid.uuid4().hex[:8]}."  # topics of their own, also on a shared --bootstrap
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    security = cfg.security if cfg.bootstrap else None  # the embedded broker speaks plaintext
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(security.secret_env() if security else {}))
     broker = None
     bootstrap = cfg.bootstrap
     if not bootstrap:
@@ -267,11 +277,12 @@ def _stream(cfg: AgreementConfig, plan: Plan, ent, work: Path) -> dict:
     svc = _Services(work, env)
     t0 = time.monotonic()
     try:
-        ensure_topics(bootstrap, prefix=prefix)
-        replay = replay_args(cfg, plan, bootstrap, prefix)
+        ensure_topics(bootstrap, prefix=prefix, security=security)
+        replay = replay_args(cfg, plan, bootstrap, prefix, security)
         subprocess.run(osad(*replay, "--dry-run", "--write-ranges", str(work / "ranges.json")), env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for name, cmd in service_commands(plan, work, bootstrap, prefix, q=ev.q, fence=ev.fence).items():
+        for name, cmd in service_commands(plan, work, bootstrap, prefix, q=ev.q, fence=ev.fence,
+                                          security=security).items():
             svc.start(name, cmd)
         svc.start("replay", osad(*replay))
         _say(f"streaming: replaying {plan.n_train + plan.n_test} rows through {', '.join(s.name for s in TRANSFORMS)} "
@@ -285,7 +296,7 @@ def _stream(cfg: AgreementConfig, plan: Plan, ent, work: Path) -> dict:
             store.close()
         wall = time.monotonic() - t0
         got = Collected(ent.entity_id)
-        load_kafka(bootstrap, got, (SCORES,), prefix=prefix, idle_ms=3000)
+        load_kafka(bootstrap, got, (SCORES,), prefix=prefix, idle_ms=3000, security=security)
     finally:
         svc.stop()
         if broker:

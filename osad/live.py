@@ -192,6 +192,20 @@ def read_tail(path: Path, nbytes: int = 32 * 1024) -> str:
         return ""
 
 
+def state_style(state: str) -> str | None:
+    """How a service's state is drawn: plain when all is well, yellow while it is (or was) being restarted,
+    red when it is down for good.
+
+    >>> state_style("up"), state_style("up (restarted 1x)"), state_style("killed by SIGKILL; restart in 2s")
+    (None, 'yellow', 'yellow')
+    >>> state_style("failed: exited with code 1")
+    'red'
+    """
+    if state in ("up", "done", "waiting"):
+        return None
+    return "yellow" if state.startswith("up") or "restart in" in state else "red"
+
+
 # -- what the view watches -----------------------------------------------------------------------
 
 @dataclass
@@ -249,8 +263,11 @@ class LiveView:
     """The screen. ``start()`` it once the services run; ``stop()`` it before they are stopped."""
 
     def __init__(self, bootstrap: str, watched: list[Watched], title: str = "", notes: list[str] | None = None,
-                 window_s: float = 30.0, rows: int = 12, console=None, prefix: str = ""):
+                 window_s: float = 30.0, rows: int = 12, console=None, prefix: str = "",
+                 events: Callable[[], list[str]] | None = None, security=None):
         self.bootstrap, self.watched, self.title, self.prefix = bootstrap, watched, title, prefix
+        self.security = security  # the Kafka connection's TLS / SASL (a KafkaSecurity; None: plaintext)
+        self.events = events  # what the supervisor did (a service exited, restarted, given up on), latest last
         self.notes = list(notes or [])
         self.window_s, self.rows = window_s, rows
         self.anomalies = View(rows=rows)
@@ -325,7 +342,7 @@ class LiveView:
     def _connect(self):
         """A reader of the samples, scores and anomalies topics from now, once they exist (None: stopped)."""
         reader = TopicReader(self.bootstrap, (SAMPLES, SCORES, ANOMALIES), prefix=self.prefix, from_beginning=False,
-                             client_id="osad-up-view", connect_timeout_s=10.0)
+                             client_id="osad-up-view", connect_timeout_s=10.0, security=self.security)
         while not self._stop.is_set():
             if reader.assign():
                 with self.shared.lock:
@@ -397,9 +414,12 @@ class LiveView:
             cur, prev = (pr[-1] if pr else None), (pr[-2] if len(pr) > 1 else None)
             state = w.state()
             row = service_row(w.name, w.pid(), state, cur, prev, has_endpoint=w.port is not None)
-            style = None if state in ("up", "done", "waiting") else "red"
-            st.add_row(*row, style=style)
+            st.add_row(*row, style=state_style(state))
         parts.append(st)
+        events = self.events() if self.events else []
+        if events:
+            parts.append(Text("supervision (latest last):", style="bold yellow"))
+            parts += [Text("  " + e, style="yellow") for e in events[-5:]]
 
         rows, total = entity_rows(samples, scores, now, self.window_s, self.rows)
         et = Table(title=f"entities seen in the last {self.window_s:.0f} s: {total}"

@@ -110,9 +110,11 @@ def osad(*args: str, python: str | None = None) -> list[str]:
     return [python or sys.executable, "-m", "osad", *args]
 
 
-def connection(bootstrap: str, prefix: str) -> list[str]:
-    """The arguments that put a command on the broker ``bootstrap``, its topics named with ``prefix``."""
-    return ["--bootstrap", bootstrap, "--topic-prefix", prefix]
+def connection(bootstrap: str, prefix: str, security=None) -> list[str]:
+    """The arguments that put a command on the broker ``bootstrap``, its topics named with ``prefix``, its
+    clients secured by ``security`` (a ``KafkaSecurity``: its flags, passwords given as values left out;
+    None: none)."""
+    return ["--bootstrap", bootstrap, "--topic-prefix", prefix, *(security.to_args() if security else [])]
 
 
 def override(base: Sequence[str], flags: Sequence[str]) -> list[str]:
@@ -135,13 +137,14 @@ def override(base: Sequence[str], flags: Sequence[str]) -> list[str]:
 
 def service_args(service: Service, *, state: str, bootstrap: str, prefix: str = "", metrics_port: int | None = None,
                  overrides: Sequence[str] = (), args: Sequence[str] | None = None,
-                 extra: Sequence[str] = ()) -> list[str]:
+                 extra: Sequence[str] = (), security=None) -> list[str]:
     """The ``osad`` arguments that run ``service``: on ``bootstrap`` with topic prefix ``prefix``, serving
     metrics on ``metrics_port`` (None: not given), with its declared arguments for ``state`` (or ``args``
-    instead), ``overrides`` (``--flag value`` pairs) replacing theirs, then ``extra`` as they are."""
+    instead), ``overrides`` (``--flag value`` pairs) replacing theirs, then ``extra`` as they are;
+    ``security``: the Kafka TLS / SASL settings (a ``KafkaSecurity``), see :func:`connection`."""
     base = service.arguments(state) if args is None else list(args)
     port = ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
-    return [service.command, *connection(bootstrap, prefix), *port, *override(base, overrides), *extra]
+    return [service.command, *connection(bootstrap, prefix, security), *port, *override(base, overrides), *extra]
 
 
 def command_line(service: Service, *, python: str | None = None, **kw) -> list[str]:

@@ -2,9 +2,18 @@
 
 Starts the embedded broker (unless ``--bootstrap`` names a running Kafka), creates the topics,
 then every service this installation has (collector, featurizer, detector, alerter), each with
-its metrics/health endpoint on its own port and its log in ``--log-dir``. Ctrl-C (or SIGTERM)
-stops them all cleanly: SIGTERM first (each finishes its batch and commits), SIGKILL only after
-``--stop-timeout-s``.
+its metrics/health endpoint on its own port and its log in ``--log-dir`` (each run's own: the
+previous run's ``NAME.log`` becomes ``NAME.log.1``). Ctrl-C (or SIGTERM, SIGHUP) stops them all
+cleanly: SIGTERM first (each finishes its batch and commits), SIGKILL only after ``--stop-timeout-s``.
+
+Supervision: no child outlives ``osad up``, however it dies (SIGKILL too): each child gets SIGTERM from
+the kernel when it dies (Linux's parent-death signal) and a watcher process, the lifeline, stops (then
+kills) whatever it left running (runtime/procs.py). Output that goes away (``| tee`` ended by the same
+Ctrl-C) is ignored, never a reason to leave the children. A service that exits by itself is reported
+(on stderr, in the live view, in its log) and restarted after a wait that doubles with each quick crash
+in a row (``--restart-backoff-s`` .. ``--restart-backoff-max-s``; a service that ran
+``--restart-stable-s`` starts afresh); after ``--restart-limit`` quick crashes in a row, or an exit with
+code 2 (its configuration is wrong: a restart cannot help), ``osad up`` gives up, saying so, and stops.
 
 On a terminal it shows a live view (refreshed every second, osad/live.py): each service's pid,
 state, health and throughput (from its /metrics and /healthz), the entities seen in the last
@@ -37,8 +46,8 @@ from osad.cli import available_commands
 from osad.pipeline import COLLECTOR, METRICS_PORT, PIPELINE, Service, command_line, connection, metrics_ports
 from osad.pipeline import names as service_names
 from osad.pipeline import osad as _osad
-from osad.runtime.config import Config, ConfigError, non_negative, positive, setting
-from osad.runtime.procs import start_logged, stop_all
+from osad.runtime.config import Config, ConfigError, KafkaSecurity, non_negative, positive, section, setting
+from osad.runtime.procs import Lifeline, start_logged, stop_all
 from osad.schemas import ANOMALIES, DEADLETTER, SAMPLES
 
 # --demo: which data, and how the services calibrate on it (their own options, lowered so that the
@@ -55,6 +64,11 @@ DEMO_CALIBRATION_SCORES = 40  # alerter --calibration-scores (100): scores its P
 DEMO_OPEN_AFTER = 1
 DEMO_MARGIN_WINDOWS = 5  # train windows beyond calibration, so that no test window falls into the alerter's
 DEMO_LEAD_ROWS = 30  # test rows windowed before the first labelled anomaly
+# when osad up dies, its embedded broker dies with it (memory only): nothing is left for the services to commit to,
+# so the lifeline kills what is still running after this grace (an external --bootstrap: after --stop-timeout-s)
+ORPHAN_GRACE_S = 3.0
+#: a service's exit code that means its options are wrong (runtime/cli.py, argparse): restarting cannot help
+CONFIG_ERROR = 2
 DEMO_STARTUP_S = 15.0  # measured: start of `osad up --demo` to the first test row scored (see README)
 # what each service's declared arguments get in demo mode ({demo} is the demo's state folder): these
 # --flag value pairs replace (or are added to) its own
@@ -97,6 +111,17 @@ class UpConfig(Config):
     view_window_s: float = setting(30.0, check=positive, group="live view",
                                    help="the view lists the entities that sent a sample within this many seconds")
     view_rows: int = setting(12, check=positive, group="live view", help="most entities and anomalies the view lists")
+    restart_limit: int = setting(5, check=non_negative, group="supervision",
+                                 help="a service that exits by itself is restarted, at most this many times in a row "
+                                 "(each after it ran less than --restart-stable-s); then osad up gives up and stops "
+                                 "(0: never restart, stop at the first exit)")
+    restart_backoff_s: float = setting(1.0, check=positive, group="supervision",
+                                       help="wait before restarting a service; doubled after each quick crash in a row")
+    restart_backoff_max_s: float = setting(30.0, check=positive, group="supervision",
+                                           help="the longest wait before restarting a service")
+    restart_stable_s: float = setting(60.0, check=positive, group="supervision",
+                                      help="a service that ran this long before exiting counts as stable: its "
+                                      "crashes in a row and its wait start afresh")
     demo: bool = setting(False, group="demo", help="replay an SMD entity with labelled anomalies (no collector) so "
                          "that detections appear within about a minute")
     demo_dataset: str = setting("", group="demo", help="SMD data set folder (train/, test/, test_label/); default: "
@@ -104,8 +129,12 @@ class UpConfig(Config):
     demo_entity: str = setting(DEMO_ENTITY, group="demo", help="entity (machine) of the data set to replay")
     demo_rate: float = setting(20.0, check=positive, group="demo", help="test rows per second (the train rows go "
                                "as fast as possible); SMD has one row a minute")
+    security: KafkaSecurity = section(KafkaSecurity)  # TLS / SASL of a secured --bootstrap, passed to every child
 
     def validate(self) -> str | None:
+        if not self.bootstrap and self.security.security_protocol != "PLAINTEXT":
+            return (f"--security-protocol {self.security.security_protocol} is for a secured --bootstrap; the "
+                    "embedded broker speaks plaintext (docs/security.md)")
         known = service_names()
         bad = [n for n in self.only or [] if n not in known]
         if bad:
@@ -130,14 +159,48 @@ class Child:
     proc: subprocess.Popen | None = None
     oneshot: bool = False
     after: str | None = None  # start once this one-shot child has finished well
+    # supervision (services only; a one-shot that fails ends the run)
+    started: float = 0.0  # time.monotonic() of its last start
+    restarts: int = 0  # restarts in this run
+    crashes: int = 0  # exits in a row, each within --restart-stable-s of its start
+    restart_at: float | None = None  # time.monotonic() when it is started again (it has exited)
+    gave_up: bool = False
+    reaped: bool = False  # a one-shot that finished, forgotten by the lifeline
 
     def state(self) -> str:
         if self.proc is None:
             return "waiting"
         code = self.proc.poll()
         if code is None:
-            return "up"
+            return f"up (restarted {self.restarts}x)" if self.restarts else "up"
+        if self.gave_up:
+            return f"failed: {exit_text(code)}"
+        if self.restart_at is not None:
+            return f"{exit_text(code)}; restart in {max(0.0, self.restart_at - time.monotonic()):.0f}s"
         return "done" if code == 0 and self.oneshot else f"exited {code}"
+
+
+def exit_text(code: int) -> str:
+    """How a child ended, from its return code.
+
+    >>> exit_text(-9), exit_text(1)
+    ('killed by SIGKILL', 'exited with code 1')
+    """
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def backoff_s(crashes: int, first_s: float, max_s: float) -> float:
+    """The wait before restarting a service after its ``crashes``-th quick exit in a row (1, 2, ...).
+
+    >>> [backoff_s(n, 1.0, 10.0) for n in (1, 2, 3, 4, 5)]
+    [1.0, 2.0, 4.0, 8.0, 10.0]
+    """
+    return min(max_s, first_s * 2.0 ** max(0, min(crashes - 1, 60)))
 
 
 # -- the demo --------------------------------------------------------------------------------------
@@ -264,8 +327,8 @@ def load_demo(cfg: UpConfig) -> DemoPlan:
     return demo
 
 
-def demo_children(demo: DemoPlan, bootstrap: str, prefix: str, log_dir: Path) -> list[Child]:
-    base = ("replay", demo.dataset, *connection(bootstrap, prefix), "--entity", demo.entity)
+def demo_children(demo: DemoPlan, bootstrap: str, prefix: str, log_dir: Path, security=None) -> list[Child]:
+    base = ("replay", demo.dataset, *connection(bootstrap, prefix, security), "--entity", demo.entity)
     return [
         Child("replay-train", _osad(*base, "--split", "train", "--skip", str(demo.train_skip), "--rate", "0"),
               log_dir / "replay-train.log", None, oneshot=True),
@@ -294,14 +357,14 @@ def plan(cfg: UpConfig, bootstrap: str, have: set[str], demo: DemoPlan | None = 
         args = shlex.split(cfg.collect_args) if s is COLLECTOR else None
         overrides = [a.format(demo=f"{cfg.state_dir}/demo") for a in DEMO_ARGS.get(s.name, [])] if demo else []
         cmd = command_line(s, state=cfg.state_dir, bootstrap=bootstrap, prefix=cfg.topic_prefix,
-                           metrics_port=ports[s.name], args=args, overrides=overrides)
+                           metrics_port=ports[s.name], args=args, overrides=overrides, security=cfg.security)
         children.append(Child(s.name, cmd, log_dir / f"{s.name}.log", ports[s.name]))
     if cfg.replay:
-        children.append(Child("replay", _osad("replay", cfg.replay, *connection(bootstrap, cfg.topic_prefix),
+        children.append(Child("replay", _osad("replay", cfg.replay, *connection(bootstrap, cfg.topic_prefix, cfg.security),
                                               *shlex.split(cfg.replay_args)),
                               log_dir / "replay.log", None, oneshot=True))
     if demo:
-        children += demo_children(demo, bootstrap, cfg.topic_prefix, log_dir)
+        children += demo_children(demo, bootstrap, cfg.topic_prefix, log_dir, cfg.security)
     return children
 
 
@@ -313,38 +376,48 @@ def run(cfg: UpConfig) -> int:
     demo = load_demo(cfg) if cfg.demo else None
     log_dir = Path(cfg.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    broker = None
-    bootstrap = cfg.bootstrap
-    if not bootstrap:
-        try:
-            broker = EmbeddedBroker(port=cfg.broker_port, log_file=str(log_dir / "broker.log")).start()
-        except BrokerError as e:
-            print(f"osad up: {e}", file=sys.stderr)
-            return 1
-        bootstrap = broker.bootstrap
-    ensure_topics(bootstrap, prefix=cfg.topic_prefix)
-    children = plan(cfg, bootstrap, have, demo)
-    notes = demo.describe(cfg.state_dir) if demo else []
     stopping = {"flag": False}
 
     def _stop(*_):
         stopping["flag"] = True
 
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # from here on a signal only asks the loop to stop; nothing is started before the handlers are in place
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # Python's default: a write to a closed pipe raises EPIPE (_say)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **cfg.security.secret_env())  # passwords: not on command lines
     rc = 0
     view = None
+    broker = None
+    children: list[Child] = []
     failed: Child | None = None
+    events: list[str] = []
+    # every child is told to the lifeline: it stops them should this process die without doing so itself
+    lifeline = Lifeline(grace_s=cfg.stop_timeout_s if cfg.bootstrap else min(cfg.stop_timeout_s, ORPHAN_GRACE_S),
+                        label="osad up (lifeline)")
     try:
+        bootstrap = cfg.bootstrap
+        if not bootstrap:
+            _rotate([log_dir / "broker.log"])
+            try:
+                broker = EmbeddedBroker(port=cfg.broker_port, log_file=str(log_dir / "broker.log")).start()
+            except BrokerError as e:
+                _say(f"osad up: {e}")
+                return 1
+            lifeline.watch(broker.proc.pid, "broker")
+            bootstrap = broker.bootstrap
+        ensure_topics(bootstrap, prefix=cfg.topic_prefix, security=cfg.security)
+        children = plan(cfg, bootstrap, have, demo)
+        _rotate([c.log for c in children])
+        notes = demo.describe(cfg.state_dir) if demo else []
         for c in children:
-            if not c.after:
-                _start(c, env)
-        if cfg.view and sys.stdout.isatty():
-            view = _start_view(cfg, bootstrap, broker, children, notes)
+            if not c.after and not stopping["flag"]:
+                _start(c, env, lifeline)
+        if cfg.view and sys.stdout.isatty() and not stopping["flag"]:
+            view = _start_view(cfg, bootstrap, broker, children, notes, events)
         if view is None:
             if notes:
-                print("\n".join(notes), file=sys.stderr, flush=True)
+                _say("\n".join(notes))
             _banner(bootstrap, cfg.topic_prefix, broker is not None, children)
         by_name = {c.name: c for c in children}
         deadline = time.monotonic() + cfg.run_for_s if cfg.run_for_s > 0 else None
@@ -352,36 +425,148 @@ def run(cfg: UpConfig) -> int:
             for c in children:
                 if c.proc is None:
                     if by_name[c.after].state() == "done":
-                        _start(c, env)
+                        _start(c, env, lifeline)
                     continue
-                code = c.proc.poll()
-                if code is None or c.oneshot and code == 0:
-                    continue
-                failed, rc = c, 1
-                break
+                if not _supervise(c, cfg, env, lifeline, events):
+                    failed, rc = c, 1
+                    break
             if failed or deadline and time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
     finally:
-        if view is not None:
-            view.stop()
-        if failed is not None:
-            print(f"osad up: {failed.name} exited with code {failed.proc.returncode}; last lines of {failed.log}:",
-                  file=sys.stderr)
-            print(_tail(failed.log), file=sys.stderr)
-        print("osad up: stopping services ...", file=sys.stderr)
-        _stop_all([c for c in reversed(children) if c.proc], cfg.stop_timeout_s)
-        if broker:
-            broker.stop()
-        print("osad up: stopped", file=sys.stderr)
+        # each step on its own: a failing one (the terminal gone, say) must not leave the children running
+        try:
+            if view is not None:
+                view.stop()
+            if failed is not None:
+                _say(f"osad up: {failed.name} {exit_text(failed.proc.returncode)}; last lines of {failed.log}:\n"
+                     + _tail(failed.log))
+            if broker or any(c.proc for c in children):
+                _say("osad up: stopping services ...")
+        finally:
+            try:
+                _stop_all([c for c in reversed(children) if c.proc], cfg.stop_timeout_s)
+                for c in children:
+                    if c.proc:
+                        lifeline.forget(c.proc.pid)
+            finally:
+                try:
+                    if broker:
+                        pid = broker.proc.pid if broker.proc else None
+                        broker.stop()
+                        if pid:
+                            lifeline.forget(pid)
+                finally:
+                    lifeline.close()
+                    if broker or any(c.proc for c in children):
+                        _say("osad up: stopped")
+                    _flush_quietly()
     return rc
 
 
-def _start(c: Child, env: dict) -> None:
+def _supervise(c: Child, cfg: UpConfig, env: dict, lifeline: Lifeline, events: list[str]) -> bool:
+    """One look at a started child: restart a service that has exited, when due. False: the run must end
+    (a one-shot failed, or a service is given up on)."""
+    now = time.monotonic()
+    if c.restart_at is not None:
+        if now >= c.restart_at:
+            c.restart_at = None
+            c.restarts += 1
+            _start(c, env, lifeline)
+            _report(c, f"osad up: {c.name} restarted (pid {c.proc.pid}, restart {c.restarts} in this run)", events)
+        return True
+    code = c.proc.poll()
+    if code is None:
+        return True
+    if c.oneshot:
+        if code == 0 and not c.reaped:
+            c.reaped = True  # nothing left for the lifeline to stop
+            lifeline.forget(c.proc.pid)
+        return code == 0
+    lifeline.forget(c.proc.pid)
+    ran = now - c.started
+    c.crashes = 1 if ran >= cfg.restart_stable_s else c.crashes + 1
+    how = f"osad up: {c.name} (pid {c.proc.pid}) {exit_text(code)} after {ran:.0f} s"
+    if cfg.restart_limit == 0:
+        return False
+    if code == CONFIG_ERROR:
+        c.gave_up = True
+        _report(c, f"{how}: a configuration error; restarting cannot help, giving up", events)
+        return False
+    if c.crashes > cfg.restart_limit:
+        c.gave_up = True
+        _report(c, f"{how}: {c.crashes} exits in a row, each within {cfg.restart_stable_s:g} s of its start "
+                   f"(--restart-limit {cfg.restart_limit}); giving up", events)
+        return False
+    wait = backoff_s(c.crashes, cfg.restart_backoff_s, cfg.restart_backoff_max_s)
+    c.restart_at = now + wait
+    _report(c, f"{how}; restarting it in {wait:g} s (exit {c.crashes} in a row; at most {cfg.restart_limit})", events)
+    return True
+
+
+def _report(c: Child, msg: str, events: list[str]) -> None:
+    """Say it on stderr, in the live view (its list of events) and in the service's own log."""
+    _say(msg)
+    events.append(f"{time.strftime('%H:%M:%S')} {msg.removeprefix('osad up: ')}")
+    del events[:-20]
+    try:
+        with open(c.log, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+    except OSError:
+        pass
+
+
+def _start(c: Child, env: dict, lifeline: Lifeline) -> None:
+    # always from the main thread: the parent-death signal fires when the thread that forked the child ends
     c.proc = start_logged(c.cmd, c.log, env)
+    c.started = time.monotonic()
+    lifeline.watch(c.proc.pid, c.name)
 
 
-def _start_view(cfg: UpConfig, bootstrap: str, broker, children: list[Child], notes: list[str]):
+def _rotate(logs: list[Path]) -> None:
+    """Each run's logs are its own: the previous run's NAME.log becomes NAME.log.1 (the one before is dropped)."""
+    for log in logs:
+        try:
+            if log.exists():
+                os.replace(log, log.with_name(log.name + ".1"))
+        except OSError as e:
+            _say(f"osad up: cannot move the previous {log} aside ({e}); its lines stay in the log")
+
+
+def _say(msg: str) -> None:
+    """A line on stderr; output nobody reads any more (EPIPE: a closed ``| tee``; EIO: a closed terminal) is
+    dropped from then on, never a reason to stop short of stopping the children."""
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        _silence(sys.stderr)
+
+
+def _silence(stream) -> None:
+    """Point ``stream``'s descriptor at /dev/null, so that what is still buffered and later writes go nowhere
+    instead of failing (also at exit, where Python would report the broken pipe and exit with 120)."""
+    try:
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    except (OSError, ValueError):
+        pass
+
+
+def _flush_quietly() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            _silence(stream)
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _start_view(cfg: UpConfig, bootstrap: str, broker, children: list[Child], notes: list[str], events: list[str]):
     """The live view, or None (saying why) when it cannot start: the pipeline runs on without it."""
     try:
         from osad.live import LiveView, Watched
@@ -393,9 +578,10 @@ def _start_view(cfg: UpConfig, bootstrap: str, broker, children: list[Child], no
         for c in children:
             watched.append(Watched(c.name, lambda c=c: c.proc.pid if c.proc else None, c.state, c.port, c.log))
         return LiveView(bootstrap, watched, title="osad up" + (" --demo" if cfg.demo else ""), notes=notes,
-                        window_s=cfg.view_window_s, rows=cfg.view_rows, prefix=cfg.topic_prefix).start()
+                        window_s=cfg.view_window_s, rows=cfg.view_rows, prefix=cfg.topic_prefix,
+                        events=lambda: list(events), security=cfg.security).start()
     except Exception as e:  # noqa: BLE001 - the view is a convenience; the services matter
-        print(f"osad up: no live view ({type(e).__name__}: {e}); the services run on", file=sys.stderr)
+        _say(f"osad up: no live view ({type(e).__name__}: {e}); the services run on")
         return None
 
 
@@ -403,7 +589,7 @@ def _stop_all(children: list[Child], timeout_s: float) -> None:
     names = {id(c.proc): c.name for c in children}
 
     def killing(p) -> None:
-        print(f"osad up: {names[id(p)]} did not stop within {timeout_s:.0f} s; killing it", file=sys.stderr)
+        _say(f"osad up: {names[id(p)]} did not stop within {timeout_s:.0f} s; killing it")
 
     stop_all([c.proc for c in children], timeout_s, on_kill=killing)
 
@@ -417,7 +603,7 @@ def _banner(bootstrap: str, prefix: str, embedded: bool, children: list[Child]) 
     lines.append(f"  samples: {SAMPLES.full_name(prefix)}   anomalies: {ANOMALIES.full_name(prefix)}   "
                  f"dead letters: {DEADLETTER.full_name(prefix)}")
     lines.append("Ctrl-C stops everything.")
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    _say("\n".join(lines))
 
 
 def _tail(path: Path, n: int = 15) -> str:

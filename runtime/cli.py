@@ -79,7 +79,7 @@ def _topics(cfg: TopicsConfig) -> int:
     parts = None
     if cfg.partitions:
         parts = {t.name: cfg.partitions for t in ALL_TOPICS if t.default_partitions > 1 and t.name != "osad.anomalies"}
-    created = ensure_topics(cfg.kafka.bootstrap, partitions=parts, prefix=prefix)
+    created = ensure_topics(cfg.kafka.bootstrap, partitions=parts, prefix=prefix, security=cfg.kafka)
     for t in ALL_TOPICS:
         mark = "created" if t.full_name(prefix) in created else "exists"
         print(f"{t.full_name(prefix):<28} {mark:<8} {t.doc}")

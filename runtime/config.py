@@ -344,13 +344,156 @@ def int_list(s: str) -> list[int]:
 
 # -- the settings every Kafka-connected command shares -------------------------------------------
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_SECURITY = "Kafka security"
+
+
+def _upper(s: str) -> str:
+    return s.strip().upper()
+
+
+def existing_file(v: str) -> str | None:
+    """A path that must name a readable file ("" = not given)."""
+    if not v:
+        return None
+    if not os.path.isfile(v):
+        return "no such file" if not os.path.exists(v) else "not a file"
+    if not os.access(v, os.R_OK):
+        return "not readable by this user"
+    return None
+
+
+@dataclass(frozen=True)
+class KafkaSecurity(Config):
+    """How a client proves who it is to the brokers and checks who they are: TLS and SASL.
+
+    Held by :class:`KafkaConfig` (so every Kafka-connected command has these flags) and by ``osad up``
+    (which passes them on to its services). :func:`osad.runtime.kafka.client_options` turns it into the
+    keyword arguments of every kafka-python client osad makes."""
+
+    group_descriptions = {_SECURITY: "TLS and SASL for a secured Kafka cluster (docs/security.md); secrets can "
+                          "come from files (--sasl-password-file, --ssl-key-password-file)"}
+
+    security_protocol: str = setting("PLAINTEXT", parse=_upper, choices=SECURITY_PROTOCOLS, group=_SECURITY,
+                                     help="how clients talk to the brokers: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT "
+                                     "or SASL_SSL (SASL over TLS)")
+    ssl_ca_file: str = setting("", check=existing_file, group=_SECURITY, metavar="PEM",
+                               help="CA certificate(s) the brokers' certificates are checked against (default: "
+                               "the system's trusted CAs)")
+    ssl_cert_file: str = setting("", check=existing_file, group=_SECURITY, metavar="PEM",
+                                 help="client certificate (chain) for mutual TLS; needs --ssl-key-file")
+    ssl_key_file: str = setting("", check=existing_file, group=_SECURITY, metavar="PEM",
+                                help="private key of --ssl-cert-file (may be in the same file)")
+    ssl_key_password: str = setting("", group=_SECURITY, metavar="SECRET",
+                                    help="password of an encrypted --ssl-key-file")
+    ssl_key_password_file: str = setting("", check=existing_file, group=_SECURITY, metavar="PATH",
+                                         help="read the --ssl-key-file password from this file (instead of "
+                                         "--ssl-key-password)")
+    ssl_check_hostname: bool = setting(True, flag="--no-ssl-check-hostname", negate=True, group=_SECURITY,
+                                       help="accept a broker certificate that does not name the host connected to "
+                                       "(it is still checked against the CA)")
+    sasl_mechanism: str = setting("", parse=_upper, choices=SASL_MECHANISMS, group=_SECURITY,
+                                  help="SASL mechanism for SASL_PLAINTEXT / SASL_SSL: PLAIN, SCRAM-SHA-256 or "
+                                  "SCRAM-SHA-512")
+    sasl_username: str = setting("", group=_SECURITY, help="SASL user name")
+    sasl_password: str = setting("", group=_SECURITY, metavar="SECRET",
+                                 help="SASL password (prefer --sasl-password-file: a flag shows in process "
+                                 "listings)")
+    sasl_password_file: str = setting("", check=existing_file, group=_SECURITY, metavar="PATH",
+                                      help="read the SASL password from this file (first line), e.g. a mounted "
+                                      "secret")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    def validate(self) -> str | None:
+        w = self._where
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            return f"{w('security_protocol')} = {self.security_protocol!r}: choose one of {', '.join(SECURITY_PROTOCOLS)}"
+        if self.sasl_mechanism and self.sasl_mechanism not in SASL_MECHANISMS:
+            return f"{w('sasl_mechanism')} = {self.sasl_mechanism!r}: choose one of {', '.join(SASL_MECHANISMS)}"
+        proto = f"--security-protocol is {self.security_protocol}"
+        tls_given = [n for n in ("ssl_ca_file", "ssl_cert_file", "ssl_key_file", "ssl_key_password",
+                                 "ssl_key_password_file") if getattr(self, n)]
+        if not self.ssl_check_hostname:
+            tls_given.append("ssl_check_hostname")
+        if tls_given and not self.uses_tls:
+            return f"{w(tls_given[0])} is set but {proto}: TLS settings need SSL or SASL_SSL"
+        sasl_given = [n for n in ("sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file")
+                      if getattr(self, n)]
+        if sasl_given and not self.uses_sasl:
+            return f"{w(sasl_given[0])} is set but {proto}: SASL settings need SASL_PLAINTEXT or SASL_SSL"
+        if self.ssl_cert_file and not self.ssl_key_file:
+            return f"{w('ssl_cert_file')} needs {w('ssl_key_file')} too (its private key; it may be the same file)"
+        if self.ssl_key_file and not self.ssl_cert_file:
+            return f"{w('ssl_key_file')} needs {w('ssl_cert_file')} too (the client certificate)"
+        if self.ssl_key_password and self.ssl_key_password_file:
+            return f"give {w('ssl_key_password')} or {w('ssl_key_password_file')}, not both"
+        if (self.ssl_key_password or self.ssl_key_password_file) and not self.ssl_key_file:
+            name = "ssl_key_password" if self.ssl_key_password else "ssl_key_password_file"
+            return f"{w(name)} is set but no {w('ssl_key_file')}: it is the password of that key"
+        if self.uses_sasl:
+            if not self.sasl_mechanism:
+                return (f"{proto}: give {w('sasl_mechanism')} ({', '.join(SASL_MECHANISMS)}), "
+                        f"{w('sasl_username')} and a password")
+            if not self.sasl_username:
+                return f"{w('sasl_mechanism')} {self.sasl_mechanism} needs {w('sasl_username')}"
+            if self.sasl_password and self.sasl_password_file:
+                return f"give {w('sasl_password')} or {w('sasl_password_file')}, not both"
+            if not (self.sasl_password or self.sasl_password_file):
+                return (f"{w('sasl_mechanism')} {self.sasl_mechanism} needs a password: "
+                        f"{w('sasl_password_file')} or {w('sasl_password')}")
+        return None
+
+    _SECRETS = ("ssl_key_password", "sasl_password")
+
+    def __repr__(self) -> str:  # never a password in a log line or a traceback
+        shown = ", ".join(f"{f.name}={'***' if f.name in self._SECRETS and getattr(self, f.name) else repr(getattr(self, f.name))}"
+                          for f, _ in self.settings())
+        return f"KafkaSecurity({shown})"
+
+    def to_args(self) -> list[str]:
+        """The flags that give another osad command these settings (defaults left out), e.g. the services
+        ``osad up`` starts. A password given as a value is not among them (a command line shows in process
+        listings): :meth:`secret_env` has it, for the child's environment; a password file is passed on."""
+        out: list[str] = []
+        for f, s in self.settings():
+            v = getattr(self, f.name)
+            if v == f.default or f.name in self._SECRETS:
+                continue
+            flag = s.flag_for(f.name)
+            out += [flag] if isinstance(v, bool) else [flag, str(v)]  # a bool differs only when its flag was given
+        return out
+
+    def secret_env(self) -> dict[str, str]:
+        """The passwords given as values, as the environment variables that set them in a child command."""
+        env = {}
+        for f, s in self.settings():
+            if f.name in self._SECRETS and getattr(self, f.name):
+                env[s.env_for(f.name)] = getattr(self, f.name)
+        return env
+
+
+def read_secret(path: str) -> str:
+    """The first line of a secret file (a trailing newline is not part of the secret)."""
+    with open(path, encoding="utf-8") as fh:
+        return fh.readline().rstrip("\r\n")
+
+
 @dataclass(frozen=True)
 class KafkaConfig(Config):
-    """Where the broker is and how osad's topics are named there."""
+    """Where the broker is, how osad's topics are named there and how clients secure the connection."""
 
     bootstrap: str = setting("127.0.0.1:9092", help="Kafka bootstrap servers, comma-separated host:port")
     topic_prefix: str = setting("", help="prefix for every topic name and consumer group (several "
                                 "installations on one cluster)")
+    security: KafkaSecurity = section(KafkaSecurity)
 
 
 @dataclass(frozen=True)

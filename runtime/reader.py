@@ -56,7 +56,8 @@ class TopicReader:
 
     ``from_beginning``: every record the topics hold, else those that arrive from now on. ``consumer``:
     use this one (else one is made with :func:`osad.runtime.kafka.make_consumer`, which raises
-    ``BrokerUnavailable`` when no broker answers; ``consumer_kw`` go to it). ``skip_missing``: topics that
+    ``BrokerUnavailable`` when no broker answers; ``security`` (TLS, SASL: a ``KafkaSecurity`` or the
+    ``KafkaConfig`` holding it) and ``consumer_kw`` go to it). ``skip_missing``: topics that
     do not exist when :meth:`assign` is called are left out (listed in ``missing``) instead of waited for.
 
     >>> # r = TopicReader("127.0.0.1:9092", ANOMALIES, prefix="t1."); r.mark_end()
@@ -65,7 +66,7 @@ class TopicReader:
 
     def __init__(self, bootstrap: str, topics: Topic | str | Sequence[Topic | str], *, prefix: str = "",
                  from_beginning: bool = True, skip_missing: bool = False, client_id: str = "osad-reader",
-                 consumer=None, **consumer_kw):
+                 consumer=None, security=None, **consumer_kw):
         if isinstance(topics, (Topic, str)):
             topics = [topics]
         self.topics: dict[str, Topic | None] = {}  # full name -> its Topic (None: named by a string)
@@ -73,8 +74,8 @@ class TopicReader:
             self.topics[t if isinstance(t, str) else t.full_name(prefix)] = None if isinstance(t, str) else t
         self.prefix, self.from_beginning, self.skip_missing = prefix, from_beginning, skip_missing
         if consumer is None:
-            consumer = make_consumer(bootstrap, client_id, None,
-                                     auto_offset_reset="earliest" if from_beginning else "latest", **consumer_kw)
+            consumer = make_consumer(bootstrap, client_id, None, auto_offset_reset="earliest" if from_beginning else "latest",
+                                     security=security, **consumer_kw)
         self.consumer = consumer
         self.partitions: list = []
         self.missing: list[str] = []  # with skip_missing: the topics that did not exist

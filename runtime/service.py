@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from osad.schemas import DEADLETTER, Topic, WireError, decode
 
-from .config import KafkaConfig, ServiceConfig, setup_logging
+from .config import KafkaConfig, KafkaSecurity, ServiceConfig, setup_logging
 from .http import StatusServer
 from .kafka import Publisher, ensure_topics, make_consumer
 from .metrics import ServiceMetrics
@@ -106,6 +106,28 @@ class Transform(ABC):
         """Register the transform's own metrics (optional)."""
 
 
+#: a dead letter too large to publish whole (its original near or over the producer's size limit) keeps this much
+DEAD_LETTER_KEEP_BYTES = 1024 * 1024
+
+
+def check_key(key: bytes | None, msg: BaseModel) -> None:
+    """Every topic is keyed by the entity id (so one entity stays on one partition, with its state and offsets):
+    raise :class:`WireError` for a message whose key is missing or another.
+
+    >>> from osad.schemas import Sample
+    >>> s = Sample(entity_id="h/1@2", host="h", ts=1.0, interval_s=1.0, seq=0, metrics={})
+    >>> check_key(b"h/1@2", s)
+    >>> check_key(None, s)
+    Traceback (most recent call last):
+    ...
+    osad.schemas.wire.WireError: message key None is not its entity_id 'h/1@2' (every topic is keyed by entity id)
+    """
+    eid = getattr(msg, "entity_id", None)
+    if eid is not None and key != eid.encode():
+        shown = key if key is None or len(key) <= 80 else key[:80] + b"..."
+        raise WireError(f"message key {shown!r} is not its entity_id {eid[:80]!r} (every topic is keyed by entity id)")
+
+
 def poll_timeout_ms(longest_ms: int, deadline_s: float | None) -> int:
     """How long one poll may wait: ``longest_ms``, or less when the transform has a deadline sooner
     (rounded up to whole milliseconds, so the tick after the poll finds it due).
@@ -123,6 +145,7 @@ class RunnerConfig:
     bootstrap: str
     group: str
     client_id: str = ""
+    security: KafkaSecurity | None = None  # TLS / SASL of every client the runner makes (None: plaintext)
     topic_prefix: str = ""
     metrics_port: int = 0
     metrics_port_span: int = 1
@@ -165,11 +188,13 @@ class ServiceRunner:
             signal.signal(signal.SIGINT, self.stop)
         cid = self.cfg.client_id or f"osad-{self.t.name}"
         if self.cfg.create_topics:
-            ensure_topics(self.cfg.bootstrap, prefix=self.cfg.topic_prefix)  # idempotent; a production cluster may have them already
-        self.publisher = Publisher(self.cfg.bootstrap, cid, prefix=self.cfg.topic_prefix)
+            ensure_topics(self.cfg.bootstrap, prefix=self.cfg.topic_prefix,  # idempotent; a production cluster may have them already
+                          security=self.cfg.security)
+        self.publisher = Publisher(self.cfg.bootstrap, cid, prefix=self.cfg.topic_prefix, security=self.cfg.security)
         self.consumer = make_consumer(
             self.cfg.bootstrap, cid, self.cfg.group, max_poll_records=self.cfg.max_poll_records,
             max_poll_interval_ms=self.cfg.max_poll_interval_ms, session_timeout_ms=self.cfg.session_timeout_ms,
+            security=self.cfg.security,
         )
         if self.cfg.metrics_port:
             self.status = StatusServer(self.cfg.metrics_port, self.metrics, self.health, span=self.cfg.metrics_port_span,
@@ -218,6 +243,7 @@ class ServiceRunner:
                 n += 1
                 try:
                     msg = decode(m.value, self.t.input.model)
+                    check_key(m.key, msg)
                 except WireError as e:
                     self.metrics.errors.labels(kind="decode").inc()
                     self._dead_letter(tp, m, str(e))
@@ -258,7 +284,17 @@ class ServiceRunner:
             ("osad.source_offset", str(m.offset).encode()),
             ("osad.service", self.t.name.encode()),
         ]
-        self.publisher.publish_raw(DEADLETTER.full_name(self.cfg.topic_prefix), m.key, m.value, headers=headers)
+        topic = DEADLETTER.full_name(self.cfg.topic_prefix)
+        from kafka.errors import MessageSizeTooLargeError
+
+        try:
+            self.publisher.publish_raw(topic, m.key, m.value, headers=headers)
+        except MessageSizeTooLargeError:
+            # the original (near or over the size limit) does not fit beside the headers: keep its start and say so
+            log.warning("%s: %s[%d]@%d is too large to dead-letter whole (%d bytes); keeping its first %d bytes",
+                        self.t.name, tp.topic, tp.partition, m.offset, len(m.value), DEAD_LETTER_KEEP_BYTES)
+            headers.append(("osad.truncated_from", str(len(m.value)).encode()))
+            self.publisher.publish_raw(topic, m.key, m.value[:DEAD_LETTER_KEEP_BYTES], headers=headers)
         self.metrics.dead_letters.inc()
 
     # -- offsets -----------------------------------------------------------------------------
@@ -378,6 +414,7 @@ def run_transform(transform: Transform, kafka: KafkaConfig, service: ServiceConf
     group = group or service.group or f"osad-{transform.name}"
     if prefix and not group.startswith(prefix):
         group = prefix + group  # installations that share a cluster share no consumer group either
-    cfg = RunnerConfig(bootstrap=kafka.bootstrap, group=group, topic_prefix=prefix, metrics_port=service.metrics_port,
+    cfg = RunnerConfig(bootstrap=kafka.bootstrap, group=group, topic_prefix=prefix, security=kafka.security,
+                       metrics_port=service.metrics_port,
                        metrics_port_span=service.metrics_port_span, metrics_port_file=service.metrics_port_file)
     return ServiceRunner(transform, cfg).run()

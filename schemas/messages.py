@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import typing
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -39,7 +39,9 @@ def severity_rank(severity: str) -> int:
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, arbitrary_types_allowed=True)
+    # allow_inf_nan=False: NaN and infinity are rejected in every float field (JSON has no such numbers;
+    # pydantic would otherwise accept the NaN/Infinity tokens and write them back as null)
+    model_config = ConfigDict(extra="forbid", frozen=False, arbitrary_types_allowed=True, allow_inf_nan=False)
     schema_version: int = Field(SCHEMA_VERSION, description="Message schema version.")
 
     @field_validator("schema_version")
@@ -93,7 +95,7 @@ class WindowHeader(EntityRef):
     window_end_seq: int = Field(..., ge=0)
     interval_s: float = Field(..., gt=0)
     gap: int = Field(..., ge=1)
-    scales: list[int] = Field(..., min_length=1)
+    scales: list[Annotated[int, Field(ge=1)]] = Field(..., min_length=1)
     features: list[str] = Field(..., min_length=1, description="Feature names, in matrix order.")
     scaling_id: str = Field("", description="Id of the min-max ranges used, for matching checkpoints.")
 
@@ -144,6 +146,8 @@ class SignatureWindow(WindowHeader):
             raise ValueError(f"tri has shape {tri.shape}, expected [step, {s}, {n * (n + 1) // 2}] for {n} features")
         if val.shape != (max(self.scales), n):
             raise ValueError(f"values has shape {val.shape}, expected [{max(self.scales)}, {n}]")
+        if not (np.isfinite(tri).all() and np.isfinite(val).all()):
+            raise ValueError("tri and values must be finite (no NaN or infinity)")
         object.__setattr__(self, "tri", tri)
         object.__setattr__(self, "values", val)
         return self
@@ -174,7 +178,7 @@ class Score(EntityRef):
 
 
 class RootCause(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     feature: str
     contribution: float
 

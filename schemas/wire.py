@@ -89,12 +89,16 @@ def _decode_window(data: bytes) -> SignatureWindow:
         raise WireError(f"SignatureWindow header length {hlen} exceeds the message ({len(data)} bytes)")
     try:
         header = json.loads(data[_HDR.size:_HDR.size + hlen])
+        if not isinstance(header, dict):
+            raise TypeError(f"expected a JSON object, got {type(header).__name__}")
+        if "tri" in header or "values" in header:
+            raise KeyError("the arrays (tri, values) follow the header, they are not in it")
         step = int(header.pop("step"))
         n = len(header["features"])
         s = len(header["scales"])
         t = max(int(x) for x in header["scales"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise WireError(f"SignatureWindow header is not valid: {e}") from None
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:  # inf as an int; nesting too deep
+        raise WireError(f"SignatureWindow header is not valid: {type(e).__name__}: {e}") from None
     if step < 1 or n < 1 or t < 1:
         raise WireError(f"SignatureWindow header has step={step}, features={n}, max scale={t}")
     ntri = step * s * n * (n + 1) // 2
