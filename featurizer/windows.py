@@ -40,6 +40,7 @@ import numpy as np
 
 from osad.core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, span, squash
 from osad.runtime.config import Config, at_least, in_range, int_list, non_negative, positive, setting
+from osad.schemas.wire import MAX_MESSAGE_BYTES
 
 
 def _scales(text: str) -> tuple[int, ...]:
@@ -48,6 +49,29 @@ def _scales(text: str) -> tuple[int, ...]:
 
 def _every_scale_positive(scales) -> str | None:
     return None if scales and min(scales) >= 1 else "give at least one scale, each at least 1"
+
+
+def window_bytes(n_features: int, cfg: "WindowConfig") -> int:
+    """An upper estimate of one encoded SignatureWindow of ``n_features`` metrics: float32 upper triangles
+    [step, scales, N(N+1)/2] and raw values [max(scales), N], plus a header of at most 300 bytes a feature.
+
+    >>> window_bytes(20, WindowConfig()) < 64 * 1024 < window_bytes(600, WindowConfig())
+    True
+    """
+    n = n_features
+    return 4 * (cfg.step * len(cfg.scales) * n * (n + 1) // 2 + max(cfg.scales) * n) + 300 * n + 4096
+
+
+def max_features(cfg: "WindowConfig") -> int:
+    """The most metrics per entity whose windows fit in one message (:data:`MAX_MESSAGE_BYTES`).
+
+    >>> max_features(WindowConfig())
+    519
+    """
+    n = 1
+    while window_bytes(n + 1, cfg) <= MAX_MESSAGE_BYTES:
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)
@@ -401,6 +425,12 @@ class WindowStore:
             feats = self._features or tuple(sorted(metrics))
         if not feats:
             raise ValueError(f"entity {entity_id}: the first sample has no metrics and no feature list is configured")
+        size = window_bytes(len(feats), self.cfg)
+        if size > MAX_MESSAGE_BYTES:  # its windows could never be published: refuse it (its samples are dead-lettered)
+            most = max_features(self.cfg)
+            raise ValueError(f"entity {entity_id}: {len(feats)} metrics make windows of {size / 2**20:.1f} MiB, above "
+                             f"the {MAX_MESSAGE_BYTES // 2**20} MiB message limit; send at most {most} metrics per "
+                             "entity with these scales and step (or a --features list)")
         win = self.window_cls(self.cfg, ranges) if ranges is not None else None
         return EntityState(features=tuple(feats), window=win)
 

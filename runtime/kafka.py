@@ -14,13 +14,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from osad.schemas import ALL_TOPICS, Topic, encode
+from osad.schemas.wire import MAX_MESSAGE_BYTES  # noqa: F401  (re-exported: the clients' limit)
 
 from .config import ConfigError, KafkaConfig, KafkaSecurity, read_secret
 
 log = logging.getLogger("osad.kafka")
 
 # Largest message we produce (a SignatureWindow of ~150 features is ~1 MB).
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 class BrokerUnavailable(RuntimeError):

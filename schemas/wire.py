@@ -30,6 +30,9 @@ from pydantic import BaseModel, ValidationError
 from .messages import Anomaly, Sample, Score, SignatureWindow
 from .triangles import pack_symmetric, unpack_symmetric
 
+#: the largest message osad's clients send or fetch (a Kafka broker's ``message.max.bytes`` must allow it)
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
 _MAGIC = b"OSW\x01"
 _HDR = struct.Struct("<4sI")
 

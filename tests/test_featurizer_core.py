@@ -165,6 +165,23 @@ def test_feature_set_is_fixed_at_first_sample_extra_metrics_ignored():
     assert s.counters["extra_metrics_entities"] == 1
 
 
+def test_an_entity_whose_windows_could_not_be_published_is_refused_and_others_go_on():
+    """More metrics than one message holds (windows above MAX_MESSAGE_BYTES) would crash the service at publish,
+    on every restart: the entity is refused at its first sample (the service dead-letters its samples)."""
+    from osad.featurizer.windows import max_features, window_bytes
+    from osad.schemas.wire import MAX_MESSAGE_BYTES
+
+    cfg = WindowConfig(calibration_samples=2)
+    most = max_features(cfg)
+    assert window_bytes(most, cfg) <= MAX_MESSAGE_BYTES < window_bytes(most + 1, cfg)
+    s = WindowStore(cfg)
+    with pytest.raises(ValueError, match=f"{most + 1} metrics make windows .* send at most {most} metrics"):
+        s.add("big", 0, {f"m{i}": 1.0 for i in range(most + 1)})
+    assert "big" not in s.entities
+    s.add("ok", 0, {f"m{i}": 1.0 for i in range(most)})
+    assert len(s.entities["ok"].features) == most
+
+
 def test_idle_and_capacity_eviction_bound_memory():
     cfg = WindowConfig(idle_timeout_s=10, max_entities=50, calibration_samples=2)
     s = WindowStore(cfg)

@@ -387,12 +387,13 @@ def test_the_broker_fuzz_corpus_is_rejected_by_decode_or_key_check(kind):
 # ------------------------------------------------------------------------------------------------
 
 ROUNDS = int(os.environ.get('OSAD_FUZZ_ROUNDS', '5'))
-#: RSS (the lowest of 6 readings over 1.5 s after a round settled) growth allowed in the last round over the highest
-#: RSS after any earlier round (all rounds of the same size as the others; the first rounds are the warm-up, in
-#: which caches, pools, a calibration and the first large buffers settle: one-time steps of up to ~8 MB seen).
-#: Measured growth across the last round: under 0.1 MiB. A round brings each service two messages of ~8 MiB and
-#: ~90 smaller ones, so keeping even one oversized message (or its dead-letter copy) per round exceeds this.
-RSS_GROWTH_MAX = 4 * MIB
+#: RSS (the lowest of 6 readings over 1.5 s after a round settled) growth allowed over the last TWO rounds above the
+#: highest RSS after any earlier round (all rounds of the same size; the first rounds are the warm-up, in which
+#: caches, pools, a calibration and the first large buffers settle). One-time steps of up to ~8 MB happen even late
+#: (the alerter once stepped 4.1 MiB in round 5, flat before), so one round's growth alone is not a leak. A round
+#: brings each service two messages of ~8 MiB and ~90 smaller ones: keeping even one oversized message (or its
+#: dead-letter copy) per round adds at least 16 MiB over two rounds, above this bound.
+RSS_GROWTH_MAX = 12 * MIB
 #: glibc would otherwise raise its mmap threshold after the first freed 8 MiB buffer and serve later big buffers
 #: from the heap, whose top it rarely gives back: RSS would then move by tens of MB with where the last message
 #: landed. A fixed threshold keeps every large buffer in its own mapping, returned when freed, so RSS follows
@@ -558,16 +559,16 @@ def test_fuzzed_inputs_are_dead_lettered_and_every_service_goes_on(broker, topic
         assert [s for *_, s in states] == ["open", "update", "closed"] * ROUNDS and len(set(states)) == len(states)
         assert metric(ports["score"], "osad_alerter_events_total", event="duplicate") == counts["score"]["duplicates"]
 
-        growth = {k: rss[k][-1] - max(rss[k][:-1]) for k in SERVICES}  # above the highest level before it
+        growth = {k: rss[k][-1] - max(rss[k][:-2]) for k in SERVICES}  # last two rounds, above the level before
         with capsys.disabled():
             print(f"\nfuzz ({ROUNDS} rounds, seed {SEED}):")
             for kind, (name, _) in SERVICES.items():
                 c = counts[kind]
                 print(f"  {name:10s} fuzzed {c['fuzzed']:4d}  dead-lettered {len(dlq[kind].records):4d}  good "
                       f"{c['good']:4d} + {c['duplicates']:3d} duplicates processed  crashes 0  RSS "
-                      + " -> ".join(f"{x / MIB:.1f}" for x in rss[kind]) + f" MiB (last round {growth[kind] / MIB:+.2f})")
+                      + " -> ".join(f"{x / MIB:.1f}" for x in rss[kind]) + f" MiB (last two rounds {growth[kind] / MIB:+.2f})")
         for k, g in growth.items():
-            assert g < RSS_GROWTH_MAX, f"{SERVICES[k][0]} grew {g / MIB:.1f} MiB over the last round: {rss[k]}"
+            assert g < RSS_GROWTH_MAX, f"{SERVICES[k][0]} grew {g / MIB:.1f} MiB over the last two rounds: {rss[k]}"
     finally:
         prod.close()
         for r in (*dlq.values(), *outs.values()):
