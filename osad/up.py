@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from osad.cli import available_commands
+from osad.core.metrics import segments as label_segments  # the labelled runs the demo replays
 from osad.pipeline import COLLECTOR, METRICS_PORT, PIPELINE, Service, command_line, connection, metrics_ports
 from osad.pipeline import names as service_names
 from osad.pipeline import osad as _osad
@@ -239,22 +240,6 @@ class DemoPlan:
             f"anomaly labelled at rows {a}..{b} of the test split, expect an incident in ~{self.due_s(a):.0f} s"
             + (f"; later labelled anomalies at rows {later}" if later else ""),
         ]
-
-
-def label_segments(labels) -> list[tuple[int, int]]:
-    """Runs of labelled rows: (first, last) row, inclusive.
-
-    >>> label_segments([0, 1, 1, 0, 0, 1])
-    [(1, 2), (5, 5)]
-    """
-    out, start = [], None
-    for i, v in enumerate(list(labels) + [0]):
-        if v and start is None:
-            start = i
-        elif not v and start is not None:
-            out.append((start, i - 1))
-            start = None
-    return out
 
 
 def plan_demo(dataset: str, entity: str, n_train: int, labels, rate: float, entity_id: str = "") -> DemoPlan:

@@ -34,6 +34,8 @@ import sys
 import tempfile
 import textwrap
 
+from osad.core.metrics import segments
+
 HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE / "datasets"
 SOURCE = HERE.parent.parent.parent / "shared" / "datasets"
@@ -82,15 +84,7 @@ def lines_of(path: pathlib.Path) -> list[bytes]:
 
 def label_runs(label_lines: list[bytes]) -> list[tuple[int, int]]:
     """Runs of rows labelled 1: (first, last), inclusive."""
-    runs, start = [], None
-    for i, line in enumerate(label_lines + [b"0"]):
-        on = float(line) > 0
-        if on and start is None:
-            start = i
-        elif not on and start is not None:
-            runs.append((start, i - 1))
-            start = None
-    return runs
+    return segments([float(line) for line in label_lines])
 
 
 def cut_entity(src: pathlib.Path, dst: pathlib.Path, name: str, n_train: int, n_test: int) -> dict:
