@@ -198,7 +198,7 @@ def test_up_passes_security_to_every_child_and_keeps_the_embedded_broker_plainte
 def _make_pki(d: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate whose key is
     encrypted with KEY_PASSWORD (its password also in a file)."""
-    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography import x509  # a dev dependency (pyproject): never skipped for want of it
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
