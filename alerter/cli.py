@@ -186,11 +186,36 @@ def run_alert(args) -> int:
         raise ConfigError(str(e)) from None
     logging.getLogger("osad.alerter").info("alerter: store %s; sinks: %s", store.description,
                                            ", ".join(s.name for s in sinks) or "none")
-    alerter = Alerter(cfg.engine, store, sinks, state_ttl_s=cfg.state_ttl_s)
+    alerter = Alerter(cfg.engine, store, sinks, state_ttl_s=cfg.state_ttl_s, published=published_since(cfg.kafka))
     try:
         return run_transform(alerter, cfg.kafka, cfg.service)
     finally:
         alerter.shutdown()
+
+
+def published_since(kafka):
+    """``lookup(since_ts)``: the (anomaly_id, revision) pairs on the anomalies topic stamped since then. The alerter
+    asks after each (re)assignment, so that Scores read again after a crash do not publish an anomaly twice."""
+    def lookup(since_ts: float) -> set[tuple[str, int]]:
+        from osad.runtime.reader import TopicReader
+        from osad.schemas import ANOMALIES
+
+        out: set[tuple[str, int]] = set()
+        with TopicReader(kafka.bootstrap, ANOMALIES, prefix=kafka.topic_prefix, security=kafka.security,
+                         client_id="osad-alerter-published") as r:
+            if not r.wait_assigned(10.0):
+                return out  # no anomalies topic: nothing was published
+            if since_ts > 0:
+                r.seek_to_time(since_ts)
+
+            def add(rec) -> None:
+                a = r.decode(rec)
+                if a is not None:
+                    out.add((a.anomaly_id, a.revision))
+
+            r.read_until_idle(3000, add)
+        return out
+    return lookup
 
 
 # -- osad anomalies ------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ from .incidents import severity_of
 from .store import STATE_TTL_S, Store, StoreError
 from .thresholds import model_family
 
+#: anomalies published up to this long before the store's last checkpoint are looked for on the topic too
+REPUBLISH_MARGIN_S = 60.0
 #: buckets of osad_alerter_score_ratio (score / threshold); 1.5, 3 and 10 are the severity bounds
 RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 3.0, 10.0, 30.0, 100.0)
 SCOPES = ("entity", "host")
@@ -50,7 +52,7 @@ class Alerter(Transform):
     input = SCORES
 
     def __init__(self, cfg: AlerterConfig, store: Store, sinks: list[Sink] | tuple = (), clock=time.time,
-                 sweep_every_s: float = 60.0, state_ttl_s: float = STATE_TTL_S):
+                 sweep_every_s: float = 60.0, state_ttl_s: float = STATE_TTL_S, published=None):
         self.cfg = cfg
         self.store = store
         self.sinks = list(sinks)
@@ -63,8 +65,14 @@ class Alerter(Transform):
         self._unsaved: dict[str, Anomaly] = {}  # anomaly_id -> newest revision not yet in the store
         self._to_sinks: list[Anomaly] = []
         self._unsaved_from: dict[int, int] = {}  # partition -> oldest offset whose effect is not in the store
+        self._store_problem: tuple[float, str, str] | None = None  # (since, reason, error) while writes fail
         self._m = None
         self._seen: dict = {}
+        # published(since_ts) -> {(anomaly_id, revision)} on the anomalies topic since then (alerter/cli.py reads
+        # the topic); asked once after each assignment, lazily, before the first anomaly is published
+        self._published_lookup = published
+        self._published: set = set()
+        self._look_again = published is not None
         # the runner may call revoke/retained from the consumer's IO thread during a rebalance
         self._lock = threading.RLock()
 
@@ -72,7 +80,7 @@ class Alerter(Transform):
         self._m = {
             "events": metrics.counter("osad_alerter_events", "Alerter events (duplicate, calibrated, opened, updated, "
                                       "closed, closed_idle, loaded, evicted_idle, evicted_cap, "
-                                      "held, host_opened, host_updated, host_closed)", ("event",)),
+                                      "held, host_opened, host_updated, host_closed, republish_skipped)", ("event",)),
             "anomalies": metrics.counter("osad_alerter_anomalies", "Anomaly states published", ("status",)),
             "sink": metrics.counter("osad_alerter_sink", "Sink deliveries (sent, retried, failed, dropped)",
                                     ("sink", "result")),
@@ -133,6 +141,26 @@ class Alerter(Transform):
         with self._lock:
             return {} if getattr(self, "_saved", False) else dict(self._unsaved_from)
 
+    def assigned(self, partitions: set[int]) -> None:
+        """Scores not committed before are read again now; the anomalies they give may be on the topic already
+        (this process, or the partitions' previous owner, published them and died before its checkpoint)."""
+        self._look_again = self._published_lookup is not None
+
+    def _already_published(self, a: Anomaly) -> bool:
+        if self._look_again:
+            self._look_again = False
+            since = self.store.last_saved_at()
+            # what was published after the last checkpoint (a margin for clocks); no checkpoint yet: everything
+            since = (since - REPUBLISH_MARGIN_S) if since is not None else 0.0
+            try:
+                self._published = self._published_lookup(since)
+            except Exception as e:  # noqa: BLE001 - then a repeat is possible, as before; say so
+                log.warning("could not read the anomalies already published (%s); a restart may repeat one", e)
+            else:
+                log.info("%d anomaly revisions were published since the last checkpoint; they will not be "
+                         "published again", len(self._published))
+        return (a.anomaly_id, a.revision) in self._published
+
     def revoke(self, partitions: set[int]):
         with self._lock:
             gone = [e for e, p in self._partition.items() if p in partitions]
@@ -146,6 +174,16 @@ class Alerter(Transform):
 
     def close(self):
         return ()  # open incidents stay open: their state is persisted by the final commit
+
+    def health(self) -> dict:
+        """/healthz's ``store`` entry: whether the latest write reached the store (read without the lock,
+        which a write waiting on the disk may hold)."""
+        p = self._store_problem
+        if p is None:
+            return {"store": {"ok": True}}
+        since, reason, error = p
+        return {"store": {"ok": False, "problem": reason, "error": error,
+                          "failing_for_s": round(max(0.0, self.clock() - since), 1)}}
 
     def shutdown(self, sink_timeout_s: float = 5.0) -> None:
         """After the runner stopped: last write, drain the sinks, close the store."""
@@ -174,7 +212,10 @@ class Alerter(Transform):
                 log.error("store write failed (will retry; input offsets are not committed meanwhile): %s", e)
                 if self._m:
                     self._m["store_errors"].inc()
+                since = self._store_problem[0] if self._store_problem else self.clock()
+                self._store_problem = (since, getattr(e, "reason", "error"), str(e))
                 return False
+        self._store_problem = None
         self._unsaved.clear()
         self._unsaved_states.clear()
         self._unsaved_from.clear()
@@ -216,6 +257,11 @@ class Alerter(Transform):
             cur = self._unsaved.get(a.anomaly_id)
             if cur is None or a.revision > cur.revision:
                 self._unsaved[a.anomaly_id] = a
+            if self._published_lookup is not None and self._already_published(a):
+                self.engine.counters["republish_skipped"] += 1
+                log.info("anomaly %s rev %d is on the topic already (published before a restart); not again",
+                         a.anomaly_id[:12], a.revision)
+                continue
             self._to_sinks.append(a)
             if self._m:
                 self._m["anomalies"].labels(a.status).inc()

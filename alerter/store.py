@@ -19,6 +19,7 @@ Both hold the same tables with the same meaning (see docs/alerter.md, "Store"):
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -82,7 +83,14 @@ ON CONFLICT (entity_id) DO UPDATE SET
 
 
 class StoreError(RuntimeError):
-    """The store cannot be opened, read or written; the text says which store and what to do."""
+    """The store cannot be opened, read or written; the text says which store and what to do.
+
+    ``reason`` says which: ``"full"`` (no space left under it), ``"corrupt"`` (damaged, or not an osad
+    store) or ``"error"`` (anything else: permissions, locks, a server that is down, ...)."""
+
+    def __init__(self, message: str, reason: str = "error"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def redact(url: str) -> str:
@@ -197,6 +205,15 @@ class Store:
             return cur.fetchall()
         return [json.loads(r[0]) for r in self._read(tx) or []]
 
+    def last_saved_at(self) -> float | None:
+        """When a state was last written (the newest ``updated_at``), or None for an empty store: anomalies
+        published after it may not be in the store yet (the alerter stopped before its next checkpoint)."""
+        def tx(cur):
+            cur.execute("SELECT MAX(updated_at) FROM osad_alerter_state")
+            return cur.fetchone()
+        row = self._read(tx)
+        return float(row[0]) if row and row[0] is not None else None
+
     def list(self, entity: str | None = None, severities: Iterable[str] | None = None,
              statuses: Iterable[str] | None = None, since: float | None = None, limit: int = 100) -> list[Anomaly]:
         """Anomalies, most recently active first. ``entity``: exact id, or a prefix ending in ``*``;
@@ -260,6 +277,36 @@ def _like_escape(s: str) -> str:
     return s.replace("!", "!!").replace("%", "!%").replace("_", "!_")
 
 
+#: each table's columns, as _SCHEMA creates them (a store whose tables lack some is not one osad wrote)
+_COLUMNS = {q.split()[5]: [c.split()[0] for c in q[q.index("(") + 1: q.rindex(")")].split(",")]
+            for q in _SCHEMA if q.startswith("CREATE TABLE")}
+
+#: SQLite's primary result codes that the messages below tell apart
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, \
+    _SQLITE_CANTOPEN, _SQLITE_NOTADB = 3, 5, 6, 8, 10, 11, 13, 14, 26
+
+
+def _size(n: float) -> str:
+    """
+    >>> _size(0), _size(524288), _size(3.5 * 2**30)
+    ('0 B', '512.0 KiB', '3.5 GiB')
+    """
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def free_space(path: str) -> tuple[int, int] | None:
+    """(bytes free to this user, size) of the file system that holds ``path``'s folder, or None."""
+    try:
+        st = os.statvfs(Path(path).resolve().parent)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
 class SQLiteStore(Store):
     kind = "sqlite"
 
@@ -270,6 +317,8 @@ class SQLiteStore(Store):
         self.path = path
         self.description = f"SQLite store {path}"
         memory = path == ":memory:"
+        if not memory:
+            self._check_path(Path(path))
         try:
             if readonly:
                 if not memory and not Path(path).is_file():
@@ -279,22 +328,106 @@ class SQLiteStore(Store):
                 self.conn = sqlite3.connect(target, uri=not memory, timeout=30, check_same_thread=False,
                                             isolation_level=None)
             else:
+                existed = not memory and Path(path).is_file() and Path(path).stat().st_size > 0
                 if not memory:
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
                 self.conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+                if existed:  # before anything writes to it: a file that is not our store stays as it was
+                    self._quick_check()
+                    self._transaction(self._check_schema)
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=NORMAL")
                 self._transaction(self._create_schema)
         except sqlite3.Error as e:
-            raise StoreError(f"cannot open {self.description}: {e}; check that the folder exists and is "
-                             "writable, and that the file is an SQLite database") from None
+            raise self._error(e, "cannot open") from None
         except OSError as e:
             raise StoreError(f"cannot create the folder of {self.description}: {e}") from None
 
+    # -- opening ----------------------------------------------------------------------------
+    def _check_path(self, p: Path) -> None:
+        """A folder or a dangling link where the database should be: say so (SQLite says "unable to open")."""
+        if p.is_symlink() and not p.exists():
+            raise StoreError(f"{self.description} is a symbolic link to {os.readlink(p)}, which does not exist: "
+                             "point it at the alerter's database, or give --store a path of its own (a new, empty "
+                             "store is created there)")
+        if p.exists() and not p.is_file():
+            what = "a folder" if p.is_dir() else "not a regular file"
+            raise StoreError(f"{self.description} is {what}, not an SQLite database file: give --store the "
+                             "database file (e.g. sqlite:///var/alerter/anomalies.db), or move it away")
+
+    def _quick_check(self) -> None:
+        """SQLite's own check of every page (O(size): about 0.2 s for 150 MB), so a damaged store stops the
+        alerter at start with the way out, instead of failing its writes later."""
+        import sqlite3
+
+        rows = [r[0] for r in self.conn.execute("PRAGMA quick_check(3)").fetchall()]
+        if rows != ["ok"]:
+            found = "; ".join(" ".join(line.split()) for r in rows for line in str(r).splitlines()
+                              if line.strip() and not line.startswith("***"))
+            raise self._error(sqlite3.DatabaseError(f"quick_check: {found[:300]}"), "cannot open", code=_SQLITE_CORRUPT)
+
+    def _check_schema(self, cur) -> None:
+        """Refuse a database of something else, or osad tables without the columns osad writes."""
+        cur.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        tables = sorted(r[0] for r in cur.fetchall())
+        foreign = [t for t in tables if t not in _COLUMNS]
+        if foreign and "osad_store_meta" not in tables:
+            raise StoreError(f"{self.description} is an SQLite database of something else (tables "
+                             f"{', '.join(foreign[:5])}), not an osad anomalies store: give --store a file of its "
+                             "own (a new one is created)", reason="corrupt")
+        for table, want in _COLUMNS.items():  # before the schema's indexes, which name the columns
+            if table not in tables:
+                continue
+            cur.execute(f"PRAGMA table_info({table})")
+            have = {r[1] for r in cur.fetchall()}
+            missing = [c for c in want if c not in have]
+            if missing:
+                raise StoreError(f"{self.description}: its table {table} lacks the columns {', '.join(missing)}, so "
+                                 "it is not a store this osad wrote: give --store a file of its own (a new one is "
+                                 "created), or move this one aside", reason="corrupt")
+
+    # -- errors -----------------------------------------------------------------------------
+    def _error(self, e, doing: str = "", code: int | None = None) -> StoreError:
+        """The StoreError for SQLite's ``e``: what it means for this store and what to do."""
+        code = (getattr(e, "sqlite_errorcode", None) if code is None else code) or 0
+        primary, p, where = code & 0xFF, self.path, f"{doing} {self.description}" if doing else self.description
+        space = free_space(p) if p != ":memory:" else None
+        room = f"{_size(space[0])} free of {_size(space[1])} on the file system of {Path(p).resolve().parent}" \
+            if space else "free space unknown"
+        if primary == _SQLITE_FULL or (primary == _SQLITE_IOERR and space is not None and space[0] < 64 * 1024):
+            return StoreError(f"{where}: the disk is full ({e}; {room}): free space there, or move the store to a "
+                              "larger disk (--store)", reason="full")
+        if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            what = "is damaged" if primary == _SQLITE_CORRUPT else \
+                "is not an SQLite database: not a store the alerter wrote, or its first page is damaged"
+            return StoreError(
+                f"{where}: the file {what} ({e}). It holds the anomaly history, so osad neither starts on it nor "
+                f"replaces it. Way out: stop the alerter, move the file aside with its -wal and -shm files (`for x "
+                f"in '' -wal -shm; do [ -e {p}$x ] && mv {p}$x {p}.corrupt$x; done`), then start the alerter again, "
+                f"on a new, empty store at the same path (its thresholds calibrate again), or first recover what is "
+                f"readable into "
+                f"it: `sqlite3 {p}.corrupt .recover | sqlite3 {p}` (with a shell that has no .recover, 'no such table: "
+                f"sqlite_dbpage': `sqlite3 {p}.corrupt .dump | sqlite3 {p}`)", reason="corrupt")
+        if primary in (_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_CANTOPEN):
+            return StoreError(f"{where} ({e}): check that its folder exists and that this user may write the file "
+                              "and the folder (SQLite keeps -wal and -shm files beside it)")
+        if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            return StoreError(f"{where} ({e}): another process held it locked for over 30 s (a second alerter on "
+                              "the same file? replicas share a PostgreSQL store, not an SQLite file)")
+        if primary == _SQLITE_IOERR:
+            return StoreError(f"{where}: the disk failed a read or write ({e}; {room}): check the disk and the "
+                              "kernel log")
+        return StoreError(f"{where}: {e}")
+
     def _has_tables(self) -> bool:
+        import sqlite3
+
         with self._lock:
-            row = self.conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'osad_anomalies'").fetchone()
+            try:
+                row = self.conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'osad_anomalies'").fetchone()
+            except sqlite3.Error as e:
+                raise self._error(e) from None
         return row is not None
 
     def _transaction(self, fn):
@@ -315,7 +448,7 @@ class SQLiteStore(Store):
                     cur.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-                raise StoreError(f"{self.description}: {e}") from None
+                raise self._error(e) from None
             finally:
                 cur.close()
 

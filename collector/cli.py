@@ -67,7 +67,7 @@ def run_collect(args: argparse.Namespace) -> int:
     status = None
     try:
         c.sink = open_sink(cfg.output, bootstrap=cfg.kafka.bootstrap, prefix=cfg.kafka.topic_prefix,
-                           metric_names=c.metric_names, security=cfg.kafka.security)
+                           metric_names=c.metric_names, security=cfg.kafka.security, buffer_mb=cfg.buffer_mb)
         if cfg.service.metrics_port:
             status = _serve_status(c, cfg.service)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -83,13 +83,18 @@ def run_collect(args: argparse.Namespace) -> int:
         return 1
     finally:
         _stop_children(c)
-        log.info("%s", c.summary())
         if status is not None:
             status.stop()
         try:
             c.close()
         except Exception as e:  # a broker gone at shutdown must not hide the summary
             log.error("closing the output failed: %s", e)
+        log.info("%s", c.summary())
+        if c.sink is not None and c.sink.name == "kafka":
+            n = c.sink.counts
+            log.info("samples delivered to Kafka: %d; dropped: %d (buffer full), %d (refused by the broker), %d "
+                     "(undelivered at exit)", n["sent"], n["dropped_buffer_full"], n["dropped_rejected"],
+                     n["dropped_at_exit"])
     return 0
 
 
@@ -110,18 +115,49 @@ def _serve_status(c, service):
     from osad.runtime.metrics import ServiceMetrics
 
     m = ServiceMetrics("collector")
-    samples = m.counter("osad_collector_samples", "Samples published")
+    samples = m.counter("osad_collector_samples", "Samples made (handed to the output)")
     events = m.gauge("osad_collector_kernel_events_per_interval", "Kernel events handled in the last interval")
+    sender = getattr(c.sink, "sender", None)  # --output kafka
+    if sender is not None:
+        delivered = m.counter("osad_collector_samples_delivered", "Samples the broker acknowledged")
+        dropped = m.counter("osad_collector_samples_dropped", "Samples lost: buffer_full (the broker was away too "
+                            "long for --buffer-mb), rejected (refused by the broker), at_exit", ("reason",))
+        buffered = m.gauge("osad_collector_buffered_samples", "Samples waiting for the broker's acknowledgement")
+        buffered_bytes = m.gauge("osad_collector_buffered_bytes", "Memory those Samples take")
+        outage = m.gauge("osad_collector_broker_outage_seconds", "How long the oldest waiting Sample has waited, "
+                         "once over 5 s (0: the broker acknowledges)")
+        for reason in ("buffer_full", "rejected", "at_exit"):
+            dropped.labels(reason)
+    seen: dict[str, float] = {}
+
+    def export() -> None:
+        if sender is None:
+            return
+        for key, metric in (("sent", delivered), ("dropped_buffer_full", dropped.labels("buffer_full")),
+                            ("dropped_rejected", dropped.labels("rejected")),
+                            ("dropped_at_exit", dropped.labels("at_exit"))):
+            d = sender.counts[key] - seen.get(key, 0)
+            if d:
+                metric.inc(d)
+                seen[key] = sender.counts[key]
+        buffered.set(sender.buffered)
+        buffered_bytes.set(sender.buffered_bytes)
+        outage.set(sender.outage_s)
 
     def on_interval(out):
         samples.inc(len(out))
         events.set(c.last_events)
+        export()
 
     c.on_interval = on_interval
 
     def health():
-        return True, {"service": "collector", "status": "ok", "backend": c.backend.name, "intervals": c.intervals,
-                      "samples": c.samples_out, "fallback_reason": c.fallback_reason}
+        info = {"service": "collector", "status": "ok", "backend": c.backend.name, "intervals": c.intervals,
+                "samples": c.samples_out, "fallback_reason": c.fallback_reason}
+        if sender is not None:  # collecting goes on during an outage: healthy, and says what waits
+            info.update(buffered=sender.buffered, broker_outage_s=round(sender.outage_s, 1),
+                        dropped=sum(v for k, v in sender.counts.items() if k.startswith("dropped")))
+        return True, info
 
     return StatusServer(service.metrics_port, m, health, span=service.metrics_port_span,
                         port_file=service.metrics_port_file or None).start()

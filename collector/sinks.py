@@ -33,32 +33,42 @@ def parse_output(spec: str) -> tuple[str, str | None]:
 
 
 class KafkaSink(Sink):
-    """Publishes to the samples topic, keyed by entity id; flush() waits for the broker's acks."""
+    """Publishes to the samples topic, keyed by entity id, from a sender thread
+    (:class:`~osad.runtime.kafka.BufferedSender`): sampling never waits for Kafka. While the broker is
+    unreachable (or not up yet) Samples wait in memory, in order, up to ``buffer_mb``; past that the oldest are
+    dropped and counted. ``counts``: ``sent`` (acknowledged), ``dropped_buffer_full``, ``dropped_at_exit``,
+    ``dropped_rejected``."""
 
     name = "kafka"
 
-    def __init__(self, bootstrap: str, client_id: str = "osad-collector", publisher=None, prefix: str = "",
-                 security=None):
-        from osad.runtime.kafka import Publisher, ensure_topics  # kafka stays out of `osad --help`
+    def __init__(self, bootstrap: str, client_id: str = "osad-collector", prefix: str = "", security=None,
+                 buffer_mb: float = 64.0, sender=None):
+        from osad.runtime.kafka import BufferedSender, ensure_topics  # kafka stays out of `osad --help`
         from osad.schemas import SAMPLES
 
         super().__init__()
         self.topic = SAMPLES
-        if publisher is None:
-            ensure_topics(bootstrap, (SAMPLES,), prefix=prefix, security=security)
-            publisher = Publisher(bootstrap, client_id, prefix=prefix, security=security)
-        self.pub = publisher
+        self.sender = sender or BufferedSender(
+            bootstrap, client_id, SAMPLES.full_name(prefix), security=security, buffer_bytes=int(buffer_mb * 2**20),
+            ensure=lambda: ensure_topics(bootstrap, (SAMPLES,), prefix=prefix, security=security,
+                                         connect_timeout_s=5.0))
+        self.counts = self.sender.counts  # one set of counts: the sender's
 
     def write(self, samples: list) -> None:
+        from osad.schemas import encode
+
         for s in samples:
-            self.pub.publish(self.topic, s)
-        self.counts["sent"] += len(samples)
+            self.sender.send(s.entity_id.encode(), encode(s))
 
     def flush(self) -> None:
-        self.pub.flush()
+        """Nothing to wait for: the sender thread delivers (see :meth:`wait_delivered`)."""
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        self.pub.close()
+    def wait_delivered(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every Sample written so far is acknowledged by the broker; False on timeout."""
+        return self.sender.wait_empty(timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.sender.close(timeout_s)
 
 
 class CsvSink(FileSink):
@@ -91,12 +101,12 @@ def _num(x: float) -> str:
 
 
 def open_sink(spec: str, *, bootstrap: str = "", prefix: str = "", metric_names: Iterable[str] = (),
-              security=None) -> Sink:
+              security=None, buffer_mb: float = 64.0) -> Sink:
     """The sink an --output value names (``metric_names``: the CSV columns; ``security``: the Kafka
     connection's TLS / SASL, a ``KafkaSecurity``)."""
     kind, path = parse_output(spec)
     if kind == "kafka":
-        return KafkaSink(bootstrap, prefix=prefix, security=security)
+        return KafkaSink(bootstrap, prefix=prefix, security=security, buffer_mb=buffer_mb)
     if kind == "jsonl":
         return JsonlSink(path)
     return CsvSink(path, metric_names)

@@ -123,10 +123,22 @@ def save_checkpoint(parts: CheckpointParts, path) -> str:
 def read_metadata(path) -> dict:
     """The checkpoint's metadata document, validated (format, required keys, content hash)."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"checkpoint {path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                              f"point it at a file 'osad train' wrote, or train one with 'osad train ... --out {path}'")
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; train one with 'osad train ... --out {path}'")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; give the .safetensors file 'osad train' wrote")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror or e}); check that this user may read "
+                              "it") from None
+    if len(head) < 8:
+        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file ({len(head)} bytes); it may be "
+                              f"truncated or corrupt: {RETRAIN}")
     try:
         with safe_open(str(path), framework="np") as f:
             header = f.metadata() or {}

@@ -48,6 +48,7 @@ from osad.pipeline import COLLECTOR, METRICS_PORT, PIPELINE, Service, command_li
 from osad.pipeline import names as service_names
 from osad.pipeline import osad as _osad
 from osad.runtime.config import Config, ConfigError, KafkaSecurity, non_negative, positive, section, setting
+from osad.runtime.cli import STORAGE_HELP
 from osad.runtime.procs import Lifeline, start_logged, stop_all
 from osad.schemas import ANOMALIES, DEADLETTER, SAMPLES
 
@@ -93,6 +94,7 @@ class UpConfig(Config):
     topic_prefix: str = setting("", help="prefix for every topic name and consumer group (several installations "
                                 "on one cluster); every service is given it")
     broker_port: int = setting(9092, help="port of the embedded broker", check=positive)
+    broker_storage: str = setting("memory://tansu/", env="OSAD_BROKER_STORAGE", metavar="URL", help=STORAGE_HELP)
     metrics_base_port: int = setting(METRICS_PORT, check=positive,
                                      help="services serve /metrics and /healthz on consecutive ports from here")
     log_dir: str = setting("var/up", help="folder for each service's log")
@@ -354,7 +356,7 @@ def plan(cfg: UpConfig, bootstrap: str, have: set[str], demo: DemoPlan | None = 
 
 
 def run(cfg: UpConfig) -> int:
-    from osad.runtime.broker import BrokerError, EmbeddedBroker
+    from osad.runtime.broker import BrokerError, BrokerKeeper, EmbeddedBroker
     from osad.runtime.kafka import ensure_topics
 
     have = available_commands()
@@ -374,6 +376,7 @@ def run(cfg: UpConfig) -> int:
     rc = 0
     view = None
     broker = None
+    keeper = None
     children: list[Child] = []
     failed: Child | None = None
     events: list[str] = []
@@ -385,12 +388,16 @@ def run(cfg: UpConfig) -> int:
         if not bootstrap:
             _rotate([log_dir / "broker.log"])
             try:
-                broker = EmbeddedBroker(port=cfg.broker_port, log_file=str(log_dir / "broker.log")).start()
+                broker = EmbeddedBroker(port=cfg.broker_port, log_file=str(log_dir / "broker.log"),
+                                        storage=cfg.broker_storage).start()
             except BrokerError as e:
                 _say(f"osad up: {e}")
                 return 1
             lifeline.watch(broker.proc.pid, "broker")
             bootstrap = broker.bootstrap
+            keeper = BrokerKeeper(
+                broker, lambda: ensure_topics(bootstrap, prefix=cfg.topic_prefix, security=cfg.security),
+                say=lambda m: _note(f"osad up: {m}", events), on_restart=lambda pid: lifeline.watch(pid, "broker"))
         ensure_topics(bootstrap, prefix=cfg.topic_prefix, security=cfg.security)
         children = plan(cfg, bootstrap, have, demo)
         _rotate([c.log for c in children])
@@ -403,10 +410,14 @@ def run(cfg: UpConfig) -> int:
         if view is None:
             if notes:
                 _say("\n".join(notes))
-            _banner(bootstrap, cfg.topic_prefix, broker is not None, children)
+            _banner(bootstrap, cfg.topic_prefix, broker and (f"storage {broker.storage}" if broker.durable
+                                                             else "memory only"), children)
         by_name = {c.name: c for c in children}
         deadline = time.monotonic() + cfg.run_for_s if cfg.run_for_s > 0 else None
         while not stopping["flag"]:
+            if keeper is not None and not keeper.check():
+                rc = 1
+                break
             for c in children:
                 if c.proc is None:
                     if by_name[c.after].state() == "done":
@@ -489,11 +500,16 @@ def _supervise(c: Child, cfg: UpConfig, env: dict, lifeline: Lifeline, events: l
     return True
 
 
-def _report(c: Child, msg: str, events: list[str]) -> None:
-    """Say it on stderr, in the live view (its list of events) and in the service's own log."""
+def _note(msg: str, events: list[str]) -> None:
+    """Say it on stderr and in the live view (its list of events)."""
     _say(msg)
     events.append(f"{time.strftime('%H:%M:%S')} {msg.removeprefix('osad up: ')}")
     del events[:-20]
+
+
+def _report(c: Child, msg: str, events: list[str]) -> None:
+    """Say it on stderr, in the live view (its list of events) and in the service's own log."""
+    _note(msg, events)
     try:
         with open(c.log, "a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
@@ -580,7 +596,7 @@ def _stop_all(children: list[Child], timeout_s: float) -> None:
 
 
 def _banner(bootstrap: str, prefix: str, embedded: bool, children: list[Child]) -> None:
-    lines = [f"osad is up. Kafka: {bootstrap}" + (" (embedded broker, memory only)" if embedded else "")]
+    lines = [f"osad is up. Kafka: {bootstrap}" + (f" (embedded broker, {embedded})" if embedded else "")]
     for c in children:
         where = f"http://127.0.0.1:{c.port}/metrics  /healthz" if c.port else "(one-shot)"
         pid = c.proc.pid if c.proc else f"- (starts after {c.after})"

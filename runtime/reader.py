@@ -178,6 +178,20 @@ class TopicReader:
         """The decoded messages one poll brings; undecodable ones skipped (and counted)."""
         return [m for m in (self.decode(r) for r in self.poll(timeout_ms)) if m is not None]
 
+    def seek_to_time(self, ts: float) -> None:
+        """Move every assigned partition to its first record stamped at or after ``ts`` (Unix seconds); a
+        partition with none goes to its end."""
+        if not self.partitions:
+            return
+        found = self.consumer.offsets_for_times({tp: max(0, int(ts * 1000)) for tp in self.partitions})
+        for tp in self.partitions:
+            ot = found.get(tp)
+            if ot is None or (ot.timestamp is not None and ot.timestamp < 0):  # none (Tansu: offset 0, time -1)
+                self.consumer.seek_to_end(tp)
+                self.consumer.position(tp)
+            else:
+                self.consumer.seek(tp, ot.offset)
+
     # -- the end -----------------------------------------------------------------------------------
     def mark_end(self) -> dict:
         """Note the end offset of every assigned partition: what :meth:`caught_up` compares with."""

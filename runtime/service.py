@@ -93,6 +93,11 @@ class Transform(ABC):
         restart). Stateless transforms keep nothing."""
         return {}
 
+    def assigned(self, partitions: set[int]) -> None:
+        """The partitions this replica now owns (at start, and after each rebalance): their uncommitted input is
+        about to be read again, after a crash of this process or of their previous owner. Called on the
+        consumer's IO thread: note it, and act in :meth:`process`."""
+
     def revoke(self, partitions: set[int]) -> Iterable[Output]:
         """The partitions moved to another replica: drop their state (it will rebuild from the
         committed offsets there). May return final outputs."""
@@ -104,6 +109,13 @@ class Transform(ABC):
 
     def bind_metrics(self, metrics: ServiceMetrics) -> None:
         """Register the transform's own metrics (optional)."""
+
+    def health(self) -> dict:
+        """Extra entries for ``/healthz`` (called on the status server's thread: take no lock a slow write may
+        hold). An entry that is a dict with ``"ok": False`` (e.g. ``{"store": {"ok": False, "error": ...}}``)
+        makes the status ``degraded``; the answer stays HTTP 200, since a restart cannot cure what such an
+        entry reports (a full disk), so a liveness probe must not restart the service for it."""
+        return {}
 
 
 #: a dead letter too large to publish whole (its original near or over the producer's size limit) keeps this much
@@ -156,6 +168,8 @@ class RunnerConfig:
     max_poll_interval_ms: int = 60_000
     session_timeout_ms: int = 10_000
     health_stale_s: float = 60.0
+    connect_timeout_s: float = 30.0  # one attempt to reach the broker at start (then retried until stopped)
+    flush_timeout_s: float = 5.0  # a commit waits this long for its outputs' acknowledgement, then tries later
     create_topics: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -172,6 +186,8 @@ class ServiceRunner:
         self._committed: dict = {}  # TopicPartition -> committed offset
         self._last_poll = time.monotonic()
         self._assigned: set = set()
+        self._down_since: float | None = None  # the broker stopped acknowledging outputs (monotonic time)
+        self._paused: list = []
         self.consumer = None
         self.publisher: Publisher | None = None
         self.status: StatusServer | None = None
@@ -186,16 +202,9 @@ class ServiceRunner:
         if self._install_signals:
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
-        cid = self.cfg.client_id or f"osad-{self.t.name}"
-        if self.cfg.create_topics:
-            ensure_topics(self.cfg.bootstrap, prefix=self.cfg.topic_prefix,  # idempotent; a production cluster may have them already
-                          security=self.cfg.security)
-        self.publisher = Publisher(self.cfg.bootstrap, cid, prefix=self.cfg.topic_prefix, security=self.cfg.security)
-        self.consumer = make_consumer(
-            self.cfg.bootstrap, cid, self.cfg.group, max_poll_records=self.cfg.max_poll_records,
-            max_poll_interval_ms=self.cfg.max_poll_interval_ms, session_timeout_ms=self.cfg.session_timeout_ms,
-            security=self.cfg.security,
-        )
+        if not self._connect():
+            self._shutdown()
+            return 0  # stopped while waiting for a broker
         if self.cfg.metrics_port:
             self.status = StatusServer(self.cfg.metrics_port, self.metrics, self.health, span=self.cfg.metrics_port_span,
                                        port_file=self.cfg.metrics_port_file or None).start()
@@ -223,13 +232,46 @@ class ServiceRunner:
         log.info("%s: stopped cleanly", self.t.name)
         return 0
 
+    def _connect(self) -> bool:
+        """Create the topics (unless told not to), the producer and the consumer. A broker that does not answer
+        is waited for, retrying with backoff up to 30 s and saying so, until it answers or the service is
+        stopped (False); configuration errors (a bad certificate path, say) are raised at once."""
+        from .kafka import BrokerUnavailable
+
+        cid = self.cfg.client_id or f"osad-{self.t.name}"
+        backoff, since = 1.0, time.monotonic()
+        while True:
+            try:
+                if self.cfg.create_topics:  # idempotent; a production cluster may have them already
+                    ensure_topics(self.cfg.bootstrap, prefix=self.cfg.topic_prefix, security=self.cfg.security,
+                                  connect_timeout_s=self.cfg.connect_timeout_s)
+                if self.publisher is None:
+                    self.publisher = Publisher(self.cfg.bootstrap, cid, prefix=self.cfg.topic_prefix,
+                                               security=self.cfg.security)
+                self.consumer = make_consumer(
+                    self.cfg.bootstrap, cid, self.cfg.group, max_poll_records=self.cfg.max_poll_records,
+                    max_poll_interval_ms=self.cfg.max_poll_interval_ms, session_timeout_ms=self.cfg.session_timeout_ms,
+                    connect_timeout_s=self.cfg.connect_timeout_s, security=self.cfg.security,
+                )
+                if time.monotonic() - since > self.cfg.connect_timeout_s:
+                    log.info("%s: connected to %s after %.0f s", self.t.name, self.cfg.bootstrap,
+                             time.monotonic() - since)
+                return True
+            except BrokerUnavailable as e:
+                self.metrics.errors.labels(kind="broker_unreachable").inc()
+                log.warning("%s: %s; retrying in %.0f s (waiting %.0f s so far)", self.t.name, e, backoff,
+                            time.monotonic() - since)
+            if self._stop.wait(backoff):
+                return False
+            backoff = min(backoff * 2, 30.0)
+
     def _shutdown(self) -> None:
         try:
             if self.consumer is not None:
-                self.consumer.close(autocommit=False)
+                self.consumer.close(autocommit=False, timeout_ms=5000)
         finally:
             if self.publisher is not None:
-                self.publisher.close()
+                self.publisher.close(timeout_s=self.cfg.flush_timeout_s)
             if self.status is not None:
                 self.status.stop()
 
@@ -299,12 +341,17 @@ class ServiceRunner:
 
     # -- offsets -----------------------------------------------------------------------------
     def _offsets_to_commit(self, only: set | None = None) -> dict:
-        """Flush outputs, then the offsets that may be committed (never past what state retains)."""
+        """Flush outputs, then the offsets that may be committed (never past what state retains). Nothing while
+        the broker does not acknowledge the outputs (an outage: see :meth:`_outage`)."""
         from kafka.structs import OffsetAndMetadata
 
         if not self._processed:
             return {}
-        self.publisher.flush()  # raises if the broker did not take an output: then nothing is committed
+        # raises if the broker refused an output for good: then nothing is committed and the service restarts
+        if not self.publisher.try_flush(self.cfg.flush_timeout_s):
+            self._outage(True)
+            return {}
+        self._outage(False)
         self.t.acknowledged()
         retained = self.t.retained()
         offsets = {}
@@ -326,10 +373,10 @@ class ServiceRunner:
         offsets = self._offsets_to_commit()
         if not offsets:
             return
-        from kafka.errors import CommitFailedError, RebalanceInProgressError
+        from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets, timeout_ms=int(self.cfg.flush_timeout_s * 1000))
         except (CommitFailedError, RebalanceInProgressError) as e:
             # The group moved on without us (e.g. one batch outlasted max_poll_interval_ms on a busy
             # machine). Nothing is lost: the next poll rejoins, revocation hands state back, and
@@ -338,7 +385,35 @@ class ServiceRunner:
             log.warning("%s: offset commit refused (%s); rejoining the group, uncommitted input will be re-read",
                         self.t.name, type(e).__name__)
             return
+        except KafkaError as e:  # the coordinator is away (an outage): commit these offsets, or later ones, next time
+            self.metrics.errors.labels(kind="commit").inc()
+            log.warning("%s: offset commit failed (%s: %s); retrying at the next commit", self.t.name,
+                        type(e).__name__, e)
+            return
         self._committed_now(offsets)
+
+    def _outage(self, down: bool) -> None:
+        """The broker does not acknowledge outputs (``down``), or does again. While it does not, consumption is
+        paused (outputs would only pile up in the producer), polling goes on (it keeps the group membership and
+        notices the broker's return), and nothing is committed; the producer retries the outputs it holds."""
+        now = time.monotonic()
+        if down and self._down_since is None:
+            self._down_since = now
+            self._paused = list(self._assigned)
+            if self._paused:
+                self.consumer.pause(*self._paused)
+            self.metrics.errors.labels(kind="broker_unreachable").inc()
+            log.warning("%s: the broker at %s has not acknowledged %d outputs within %.0f s; pausing input until it "
+                        "does (nothing is committed meanwhile)", self.t.name, self.cfg.bootstrap,
+                        self.publisher.unacknowledged, self.cfg.flush_timeout_s)
+        elif not down and self._down_since is not None:
+            log.warning("%s: the broker at %s acknowledges again after %.0f s; resuming input", self.t.name,
+                        self.cfg.bootstrap, now - self._down_since)
+            self._down_since = None
+            paused, self._paused = self._paused, []
+            still = [tp for tp in paused if tp in self._assigned]
+            if still:
+                self.consumer.resume(*still)
 
     def _update_lag(self) -> None:
         for tp in self._assigned:
@@ -377,18 +452,34 @@ class ServiceRunner:
 
     def _on_assigned(self, assigned) -> None:
         self._assigned = set(assigned)
+        if self._down_since is not None and self._assigned:  # still no acknowledgement: keep input paused
+            self.consumer.pause(*self._assigned)
+            self._paused = list(self._assigned)
         self.metrics.assigned.set(len(self._assigned))
+        try:
+            self.t.assigned({tp.partition for tp in assigned})
+        except Exception:
+            log.exception("%s: handling the assignment failed", self.t.name)
         log.info("%s: partitions assigned: %s", self.t.name, sorted(tp.partition for tp in assigned))
 
     # -- health ------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict]:
         age = time.monotonic() - self._last_poll
         ok = (not self._stop.is_set()) and age < self.cfg.health_stale_s
+        try:
+            extra = dict(self.t.health() or {})
+        except Exception as e:  # a fault in the transform's report must not take /healthz down
+            extra = {"transform_health": {"ok": False, "error": f"{type(e).__name__}: {e}"}}
+        degraded = sorted(k for k, v in extra.items() if isinstance(v, dict) and v.get("ok") is False)
+        status = "ok" if ok else ("stopping" if self._stop.is_set() else "stalled")
         return ok, {
+            **extra,
             "service": self.t.name,
-            "status": "ok" if ok else ("stopping" if self._stop.is_set() else "stalled"),
+            "status": "degraded" if ok and degraded else status,
+            **({"degraded": degraded} if degraded else {}),
             "last_poll_age_s": round(age, 3),
             "assigned_partitions": sorted(tp.partition for tp in self._assigned),
+            "broker_outage_s": round(time.monotonic() - self._down_since, 1) if self._down_since is not None else 0.0,
             "input_topic": self.t.input.full_name(self.cfg.topic_prefix),
         }
 

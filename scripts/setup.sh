@@ -22,7 +22,7 @@ system_setup() {
   # gcc + libc6-dev: the collector tests and bench/collector_overhead.py build small C workloads
   # postgresql: the alerter's store tests start a throwaway server with its initdb/pg_ctl (not the package's cluster)
   # docker-compose (pulls in docker.io) + debootstrap: the compose test builds every image on a base made locally
-  local want=(python3-bpfcc bpfcc-tools stress-ng docker-compose debootstrap gcc libc6-dev postgresql)
+  local want=(python3-bpfcc bpfcc-tools stress-ng docker-compose debootstrap gcc libc6-dev postgresql sqlite3)
   local krel; krel=$(uname -r)
   local missing=()
   for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
