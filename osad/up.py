@@ -49,7 +49,7 @@ from osad.pipeline import names as service_names
 from osad.pipeline import osad as _osad
 from osad.runtime.config import Config, ConfigError, KafkaSecurity, non_negative, positive, section, setting
 from osad.runtime.cli import STORAGE_HELP
-from osad.runtime.procs import Lifeline, start_logged, stop_all
+from osad.runtime.procs import Lifeline, exit_text, start_logged, stop_all
 from osad.schemas import ANOMALIES, DEADLETTER, SAMPLES
 
 # --demo: which data, and how the services calibrate on it (their own options, lowered so that the
@@ -181,20 +181,6 @@ class Child:
         if self.restart_at is not None:
             return f"{exit_text(code)}; restart in {max(0.0, self.restart_at - time.monotonic()):.0f}s"
         return "done" if code == 0 and self.oneshot else f"exited {code}"
-
-
-def exit_text(code: int) -> str:
-    """How a child ended, from its return code.
-
-    >>> exit_text(-9), exit_text(1)
-    ('killed by SIGKILL', 'exited with code 1')
-    """
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 def backoff_s(crashes: int, first_s: float, max_s: float) -> float:

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from osad.runtime.procs import die_with_parent
+from osad.runtime.procs import die_with_parent, exit_text
 
 log = logging.getLogger("osad.broker")
 
@@ -417,11 +417,11 @@ class BrokerKeeper:
         now = time.monotonic()
         self._deaths = [t for t in self._deaths if now - t < self.window_s] + [now]
         if len(self._deaths) > self.limit:
-            self.say(f"the embedded broker died {len(self._deaths)} times within {self.window_s:.0f} s (last exit "
-                     f"code {code}); giving up" + (f"; see {b.log_file}" if b.log_file else ""))
+            self.say(f"the embedded broker died {len(self._deaths)} times within {self.window_s:.0f} s (last "
+                     f"{exit_text(code)}); giving up" + (f"; see {b.log_file}" if b.log_file else ""))
             return False
         lost = "" if b.durable else " (memory only: its topics, messages and offsets are gone)"
-        self.say(f"the embedded broker exited with code {code}; restarting it on {b.bootstrap}{lost}")
+        self.say(f"the embedded broker {exit_text(code)}; restarting it on {b.bootstrap}{lost}")
         try:
             b.restart()
             if self.topics is not None:

@@ -228,3 +228,17 @@ def _signal_group(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def exit_text(code: int) -> str:
+    """How a child ended, from its return code.
+
+    >>> exit_text(-9), exit_text(1)
+    ('killed by SIGKILL', 'exited with code 1')
+    """
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
