@@ -104,6 +104,7 @@ class Engine:
         self.on_model_call = on_model_call
         self._jump_by_gap: dict[int, Scorer] = {}
         self._buffers: dict[str, list[np.ndarray]] = {}  # entity -> values of its windows so far
+        self._buffer_last: dict[str, int] = {}  # entity -> window_end_seq of its newest buffered window
         self._fitted: "OrderedDict[str, Scorer]" = OrderedDict()  # entity -> its calibrated scorer (LRU order)
         self._trained_seen: set[str] = set()
 
@@ -180,8 +181,12 @@ class Engine:
             buf = self._buffers.setdefault(eid, [])
             if buf and buf[0].shape != w.values.shape:
                 buf.clear()  # the entity's feature set changed: start again
+            elif buf and w.window_end_seq <= self._buffer_last[eid]:
+                continue  # a window seen again (re-read after a restart, re-sent): scored, not counted twice
             buf.append(w.values)
+            self._buffer_last[eid] = w.window_end_seq
             if len(buf) >= self.config.cs_calibrate:
+                self._buffer_last.pop(eid, None)
                 self._fit_entity(eid, gap, self._buffers.pop(eid), w)
         out = self._run(jump, fresh) if fresh else []
         for eid, ws in by_entity.items():

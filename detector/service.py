@@ -135,6 +135,11 @@ class ScoreSeries:
         return len(self.entities)
 
 
+#: an entity's unfinished calibration holds its windows' offsets back (they are read again after a restart) for at most
+#: this long; an entity that went away before its cs_calibrate-th window would otherwise hold its partition forever
+CALIBRATION_RETAIN_S = 3600.0
+
+
 class Detector(Transform):
     name = "detector"
     input = SIGNATURES
@@ -142,6 +147,7 @@ class Detector(Transform):
     def __init__(self, engine: Engine, batching: BatchConfig = BatchConfig(), clock=time.monotonic,
                  series_max_entities: int | None = None, series_idle_s: float = SERIES_IDLE_S):
         self.engine = engine
+        self._calibrating_from: dict[str, tuple[int, int, float]] = {}  # entity -> (partition, offset, when)
         self.max_batch = batching.max_batch
         self.max_wait_s = batching.max_wait_ms / 1000.0
         self.clock = clock
@@ -207,14 +213,21 @@ class Detector(Transform):
         return self.pending[0][2] + self.max_wait_s - self.clock() if self.pending else None
 
     def retained(self) -> dict[int, int]:
+        """The windows still queued, and those an entity's unfinished calibration holds (they are in memory only:
+        after a restart they are read again and the calibration goes on where it was, instead of starting over
+        on later windows with different scores). A calibration that has not finished within
+        ``CALIBRATION_RETAIN_S`` of its first window holds nothing back any more (its entity may have gone)."""
         out: dict[int, int] = {}
-        for _, meta, _ in self.pending:
-            cur = out.get(meta.partition)
-            if cur is None or meta.offset < cur:
-                out[meta.partition] = meta.offset
+        now = self.clock()
+        held = [(p, o) for p, o, t in self._calibrating_from.values() if now - t < CALIBRATION_RETAIN_S]
+        for partition, offset in [(meta.partition, meta.offset) for _, meta, _ in self.pending] + held:
+            cur = out.get(partition)
+            if cur is None or offset < cur:
+                out[partition] = offset
         return out
 
     def revoke(self, partitions: set[int]):
+        self._calibrating_from = {e: v for e, v in self._calibrating_from.items() if v[0] not in partitions}
         self.pending = [p for p in self.pending if p[1].partition not in partitions]
         self.series.revoke(partitions)
         if self._m:
@@ -227,6 +240,12 @@ class Detector(Transform):
 
     def _score(self, chunk) -> list[Output]:
         scores = self.engine.score([w for w, _, _ in chunk])
+        calibrating = set(self.engine.calibrating)
+        for w, meta, _ in chunk:  # where each calibrating entity's first buffered window is (retained)
+            if w.entity_id in calibrating:
+                self._calibrating_from.setdefault(w.entity_id, (meta.partition, meta.offset, self.clock()))
+            else:
+                self._calibrating_from.pop(w.entity_id, None)
         self.series.update(scores, {w.entity_id: meta.partition for w, meta, _ in chunk}, self.clock())
         if self._m:
             hist = self._m["score"]

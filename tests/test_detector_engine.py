@@ -56,6 +56,37 @@ def test_an_entity_is_calibrated_after_its_nth_window_and_then_keeps_its_own_sco
     assert all(s.threshold is None for s in first + rest)  # compressed sensing has no own threshold
 
 
+def test_a_window_seen_again_while_calibrating_is_scored_but_not_counted_twice():
+    """A window delivered twice (re-read after a restart, re-sent by a restarted featurizer) must not stand for two
+    calibration windows: the fit would come one window early, on other data, and every later score differ."""
+    ws = stream("e", 6)
+    eng, ref = cs_engine(5), cs_engine(5)
+    got = eng.score(ws[:4] + [ws[3]] + ws[4:])  # window 4 twice
+    want = ref.score(ws)
+    assert families(got) == ["cs-jumpstarter"] * 6 + ["cs-calibrated"]  # the 5th distinct window calibrates
+    assert [s.score for s in got[:4] + got[5:]] == [s.score for s in want]
+
+
+def test_the_detector_holds_back_the_offsets_of_an_unfinished_calibration():
+    """Its calibration buffer lives in memory: until the fit, the offset of the entity's first buffered window is
+    retained, so that a restart reads the windows again instead of calibrating on later ones."""
+    from osad.detector.service import BatchConfig, Detector
+    from osad.runtime.service import InputMeta
+
+    det = Detector(cs_engine(5), BatchConfig(max_batch=1, max_wait_ms=1))
+    ws = stream("e", 6)
+    for k, w in enumerate(ws[:3]):
+        det.process(w, InputMeta("osad.signatures", 2, 100 + k))
+    assert det.retained() == {2: 100}  # the first calibration window
+    det.process(window("x", 59), InputMeta("osad.signatures", 4, 7))
+    assert det.retained() == {2: 100, 4: 7}
+    for k, w in enumerate(ws[3:]):
+        det.process(w, InputMeta("osad.signatures", 2, 103 + k))
+    assert det.retained() == {4: 7}  # e calibrated: nothing of it held back any more
+    det.revoke({4})
+    assert det.retained() == {}
+
+
 def test_cs_calibrate_zero_never_calibrates_and_the_config_checks_its_value():
     eng = cs_engine(0)
     assert set(families(eng.score(stream("e", 8)))) == {"cs-jumpstarter"} and eng.calibrating == []

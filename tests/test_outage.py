@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import re
+import signal
+import subprocess
 import time
 
 import pytest
@@ -169,9 +171,14 @@ def test_services_ride_out_an_outage_without_restarting_or_losing_a_window(relay
               f"(seq {ends[0]}..{ends[-1]}, holes {len(holes)}), scored {len(ids)} of {len(ids)}, restarts 0")
         assert not holes and ends[-1] >= last_end
     finally:
-        for p in [*procs.values(), *([replay] if replay else [])]:
+        for p in [*procs.values(), *([replay] if replay else [])]:  # every one, even if one does not stop
             if p.p.poll() is None:
-                p.terminate(30)
+                p.p.send_signal(signal.SIGTERM)
+        for p in [*procs.values(), *([replay] if replay else [])]:
+            try:
+                p.p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.p.kill()
         windows.close()
         scores.close()
 
