@@ -25,7 +25,7 @@ from .backend import Backend
 from .config import CollectorConfig
 from .core import Entity, select
 from .ebpf_backend import EbpfBackend, EbpfUnavailable
-from .procfs import descendants, host_name
+from .procfs import PROCESS_GAUGES, descendants, host_name, read_process_gauges
 from .procfs_backend import ProcfsBackend
 from .targets import GatedProcess, TargetError, TargetSpec
 
@@ -98,7 +98,7 @@ class Collector:
 
     @property
     def metric_names(self) -> list[str]:
-        return list(self.backend.metric_names)
+        return list(self.backend.metric_names) + list(PROCESS_GAUGES)
 
     def spawn(self, argv: list[str], **popen_kw):
         """Start ``argv`` and watch it from its first instruction; returns its Popen."""
@@ -134,6 +134,8 @@ class Collector:
         for r in chosen:
             self.backend.describe_entity(r)
             e = r.entity
+            if e.tid is None:
+                _process_gauges(r)
             if e.first_drain is None:
                 e.first_drain = self.drain
             samples.append(Sample(
@@ -189,6 +191,15 @@ class Collector:
             self.backend.close()
         if self.sink is not None:
             self.sink.close()
+
+
+def _process_gauges(r) -> None:
+    """Add the /proc gauges of a process Sample (procfs.read_process_gauges); an exited process keeps its last."""
+    e = r.entity
+    got = None if r.final else read_process_gauges(e.pid)
+    if got is not None:
+        e.proc_gauges = got
+    r.metrics.update(e.proc_gauges or {})
 
 
 def _own_cpu() -> float:

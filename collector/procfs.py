@@ -9,6 +9,7 @@ ctx_switches_*             /proc/<pid>/status voluntary_/nonvoluntary_ctxt_switc
 page_faults_user           /proc/<pid>/stat minflt + majflt (faults the kernel charged to it)
 read_bytes, write_bytes    /proc/<pid>/io rchar, wchar
 rss_*_bytes, threads       /proc/<pid>/status RssFile, RssAnon, VmSwap, RssShmem; stat num_threads
+vm_*, page_tables, ...     /proc/<pid>/status VmSize, VmData, VmStk, VmPTE, HugetlbPages; /proc/<pid>/fd
 =========================  ================================================================
 
 What /proc cannot give per process (syscall counts and time, socket bytes, forks, execs,
@@ -101,6 +102,35 @@ def read_status(pid: int, tid: int | None = None) -> dict[str, int] | None:
             out["ctx_switches_voluntary"] = int(v)
         elif k == "nonvoluntary_ctxt_switches":
             out["ctx_switches_involuntary"] = int(v)
+    return out
+
+
+#: /proc/<pid>/status lines of the memory picture every process reports (kB in the file, bytes here), besides RSS
+_VM_KEYS = {"VmSize": "vm_size_bytes", "VmData": "vm_data_bytes", "VmStk": "vm_stack_bytes",
+            "VmPTE": "page_tables_bytes", "HugetlbPages": "huge_pages_bytes"}
+#: the gauges :func:`read_process_gauges` gives, in this order (collector/metrics.py documents them)
+PROCESS_GAUGES = (*_VM_KEYS.values(), "open_fds")
+
+
+def read_process_gauges(pid: int) -> dict[str, int] | None:
+    """Virtual size, data segment, stack, page tables and hugetlb pages (bytes, /proc/<pid>/status) and open
+    file descriptors (entries of /proc/<pid>/fd) of a process; None when it is gone. A kernel thread, which has
+    no memory map, reads 0. One read and one directory listing: cheap enough for every watched process every
+    interval (the kernel has no tracepoint for these sizes)."""
+    t = _read(f"/proc/{pid}/status")
+    if t is None:
+        return None
+    out = dict.fromkeys(PROCESS_GAUGES, 0)
+    for line in t.splitlines():
+        k, _, v = line.partition(":")
+        if k in _VM_KEYS:
+            out[_VM_KEYS[k]] = int(v.split()[0]) * 1024
+    try:
+        out["open_fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return None
+    except OSError:  # not allowed to look (not root, another user's process): say nothing rather than 0
+        out.pop("open_fds")
     return out
 
 

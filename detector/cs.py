@@ -60,7 +60,7 @@ import numpy as np
 
 from .base import Scorer, ScoreBatch, WindowBatch, WindowSpec
 
-__all__ = ["CSScorer", "CalibratedCSScorer", "basis_pursuit_dct", "dct_matrix", "sbd_matrix", "group_labels",
+__all__ = ["CSScorer", "CalibratedCSScorer", "score_many", "basis_pursuit_dct", "dct_matrix", "sbd_matrix", "group_labels",
            "group_labels_batch", "group_basis", "group_bases",
            "lesinn_outlier_scores", "sampling_mask", "BPResult"]
 
@@ -465,13 +465,15 @@ class CSScorer(Scorer):
             return np.broadcast_to(group_basis(self.groups_), (b, n, n))
         return group_bases(group_labels_batch(sbd_matrix(values), self.sbd_threshold))
 
-    def reconstruct(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, BPResult]:
-        """Sampling mask [B, T] and reconstruction of windows ``values`` [B, T, N]."""
+    def reconstruct(self, values: np.ndarray, bases: np.ndarray | None | str = "own"
+                    ) -> tuple[np.ndarray, np.ndarray, BPResult]:
+        """Sampling mask [B, T] and reconstruction of windows ``values`` [B, T, N]. ``bases``: the metric bases
+        to use instead of this scorer's own (:meth:`bases`), e.g. those of several scorers stacked."""
         v = np.asarray(values, dtype=np.float64)
         subsets, m, unit_u, pick_u = self._random(v.shape[1])
         mask = sampling_mask(lesinn_outlier_scores(v, subsets), m, unit_u, pick_u, self.rho, self.kernel_std)
-        res = basis_pursuit_dct(v, mask, self.bases(v), max_iter=self.max_iter, tol=self.tol, dtype=self.dtype,
-                                device=self.device)
+        res = basis_pursuit_dct(v, mask, self.bases(v) if isinstance(bases, str) else bases, max_iter=self.max_iter,
+                                tol=self.tol, dtype=self.dtype, device=self.device)
         return mask, res.x_hat, res
 
     def score(self, windows: WindowBatch) -> ScoreBatch:
@@ -645,6 +647,10 @@ class CalibratedCSScorer(Scorer):
         v = np.asarray(values, dtype=np.float64)
         r = np.concatenate([np.abs(v[s: s + 256] - self.cs.reconstruct(v[s: s + 256])[1])
                             for s in range(0, v.shape[0], 256)]) if v.shape[0] else np.zeros_like(v)
+        return self._pca_terms(v, r)
+
+    def _pca_terms(self, v: np.ndarray, r: np.ndarray):
+        """``r`` (the CS residual of windows ``v``), the PCA squared error and its decomposition (None before fit)."""
         if self.components_ is None:
             return r, None, None
         x = v - self.pca_mean_
@@ -684,9 +690,63 @@ class CalibratedCSScorer(Scorer):
         v = np.asarray(windows.values, dtype=np.float64)
         if v.shape[0] == 0:
             return ScoreBatch(np.zeros(0), np.zeros((0, v.shape[-1])))
-        if self.components_.shape[1] != v.shape[-1]:
-            raise ValueError(f"CalibratedCSScorer was fitted on {self.components_.shape[1]} features, "
-                             f"got windows with {v.shape[-1]}; fit it again on windows of these features")
-        r, e, d = self._residuals(v)
+        self._check(v.shape[-1])
+        return self._score_residual(v, *self._residuals(v))
+
+    def _score_residual(self, v: np.ndarray, r: np.ndarray, e: np.ndarray, d: np.ndarray) -> ScoreBatch:
         a_cs, a_pca = self.summaries(r, e)
         return self.combine(a_cs, a_pca, a_pdc=self._tail_mean(d))
+
+    def _check(self, n: int) -> None:
+        if self.fitted and self.components_.shape[1] != n:
+            raise ValueError(f"CalibratedCSScorer was fitted on {self.components_.shape[1]} features, "
+                             f"got windows with {n}; fit it again on windows of these features")
+
+
+def score_many(items: list[tuple["CalibratedCSScorer", np.ndarray]], chunk: int = 256) -> list[ScoreBatch]:
+    """The windows of many entities, each with its own :class:`CalibratedCSScorer` (fitted or not), scored
+    with one reconstruction for all of them: ``items`` = [(scorer, values [b_i, T, N])], one T and N.
+
+    What a window's score depends on is its own scorer's calibration and the reconstruction, and the
+    reconstruction of a window does not depend on the windows solved with it (each stops on its own; the random
+    draws are fixed by seed and T): so stacking entities changes no score beyond float rounding, while one
+    solver call for a batch of many entities costs about what one entity's call cost (the per-iteration work is
+    small matrix products, dominated by dispatch at batch 1). Scorers whose reconstruction options differ are
+    solved in separate calls. Returns one ScoreBatch per item, in order. (Issue 16; the paper's method is
+    unchanged: see :class:`CSScorer`.)
+    """
+    out: list[ScoreBatch | None] = [None] * len(items)
+    by_options: dict[tuple, list[int]] = {}
+    for i, (sc, v) in enumerate(items):
+        if np.asarray(v).ndim != 3 or np.asarray(v).shape[1] < 2:
+            raise ValueError(f"score_many: values must be [B, T >= 2, N], got {np.asarray(v).shape}")
+        sc._check(np.asarray(v).shape[-1])
+        key = tuple(sorted((k, str(x)) for k, x in sc.cs.options().items()))
+        by_options.setdefault(key, []).append(i)
+    for idx in by_options.values():
+        lead = items[idx[0]][0].cs
+        vals = [np.asarray(items[i][1], dtype=np.float64) for i in idx]
+        own = [items[i][0].cs.bases(v) if lead.grouping == "fit" else None for i, v in zip(idx, vals)]
+        v_all = np.concatenate(vals)
+        if lead.grouping == "fit":  # each entity's fitted grouping: its own bases, stacked
+            n = v_all.shape[-1]
+            bases = None if all(b is None for b in own) else np.concatenate(
+                [np.broadcast_to(np.eye(n), (v.shape[0], n, n)) if b is None else b for b, v in zip(own, vals)])
+        else:
+            bases = "own"  # computed per window from the window itself
+        x_hat = np.empty_like(v_all)
+        iters = np.zeros(v_all.shape[0])
+        for s in range(0, v_all.shape[0], chunk):
+            part = bases if isinstance(bases, str) or bases is None else bases[s: s + chunk]
+            _, x_hat[s: s + chunk], res = lead.reconstruct(v_all[s: s + chunk], part)
+            iters[s: s + chunk] = res.iterations
+        at = 0
+        for i, v in zip(idx, vals):
+            sc, b = items[i][0], v.shape[0]
+            xh, it = x_hat[at: at + b], iters[at: at + b]
+            at += b
+            if sc.fitted:
+                out[i] = sc._score_residual(v, *sc._pca_terms(v, np.abs(v - xh)))
+            else:
+                out[i] = sc.cs.score_residual(v, xh, it)
+    return out

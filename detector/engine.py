@@ -60,7 +60,7 @@ from osad.schemas.wire import unpack_symmetric
 
 from .base import Scorer, WindowBatch
 from .calibrations import CalibrationStore
-from .cs import CalibratedCSScorer, CSScorer
+from .cs import CalibratedCSScorer, CSScorer, score_many
 from .folder import Checkpoint, CheckpointFolder
 from .online import OnlineTrainer
 
@@ -189,13 +189,16 @@ class Engine:
                 self._buffer_last.pop(eid, None)
                 self._fit_entity(eid, gap, self._buffers.pop(eid), w)
         out = self._run(jump, fresh) if fresh else []
+        own, lost = [], []
         for eid, ws in by_entity.items():
             if eid in self._fitted:  # (an entity fitted in this chunk may already be evicted again)
                 self._fitted.move_to_end(eid)
-                out += self._run(self._fitted[eid], ws)
+                own.append((self._fitted[eid], ws))
             else:
-                out += self._run(jump, ws)
-        return out
+                lost += ws
+        if own:  # every calibrated entity of the chunk in one reconstruction (cs.score_many)
+            out += self._run_many(own)
+        return out + (self._run(jump, lost) if lost else [])
 
     def _fit_entity(self, eid: str, gap: int, values: list[np.ndarray], last: SignatureWindow) -> None:
         sc = self.calibrated.clone(gap=gap)
@@ -243,6 +246,21 @@ class Engine:
         res = scorer.score(WindowBatch(signatures=sig, values=values))
         if self.on_model_call:
             self.on_model_call(scorer, len(windows), time.perf_counter() - t0)
+        return self._scores(scorer, windows, res)
+
+    def _run_many(self, pairs: list[tuple[Scorer, list[SignatureWindow]]]) -> list[Score]:
+        """Entities' own calibrated scorers, each with its windows (one feature set), in one model call."""
+        t0 = time.perf_counter()
+        results = score_many([(sc, np.stack([w.values for w in ws])) for sc, ws in pairs])
+        if self.on_model_call:
+            self.on_model_call(pairs[0][0], sum(len(ws) for _, ws in pairs), time.perf_counter() - t0)
+        out: list[Score] = []
+        for (sc, ws), res in zip(pairs, results):
+            out += self._scores(sc, ws, res)
+        return out
+
+    def _scores(self, scorer: Scorer, windows: list[SignatureWindow], res) -> list[Score]:
+        """The Scores of one scorer's result for ``windows``."""
         thr = scorer.threshold
         thr = float(thr) if thr is not None and math.isfinite(thr) else None
         mid = scorer.model_id

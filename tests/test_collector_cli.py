@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from osad.collector.procfs import FALLBACK_COUNTERS, FALLBACK_GAUGES
+from osad.collector.procfs import FALLBACK_COUNTERS, FALLBACK_GAUGES, PROCESS_GAUGES
 from osad.collector.sinks import read_csv
 from conftest import osad_cmd
 from osad.schemas import SAMPLES, Sample, decode
@@ -41,9 +41,10 @@ def test_fallback_says_why_in_one_line_and_samples_proc(tmp_path, work):
     samples = jsonl(out)
     assert samples, r.stderr
     assert [s.seq for s in samples] == list(range(len(samples)))
-    allowed = set(FALLBACK_COUNTERS) | set(FALLBACK_GAUGES)
+    allowed = set(FALLBACK_COUNTERS) | set(FALLBACK_GAUGES) | set(PROCESS_GAUGES)
     for s in samples:
         assert set(s.metrics) <= allowed, set(s.metrics) - allowed
+        assert set(PROCESS_GAUGES) <= set(s.metrics)  # the /proc gauges are there in the fallback too
         assert "syscalls" not in s.metrics  # /proc cannot count them: absent, not zero
     # the last partial interval is lost in /proc sampling; the rest of the 400 ms is there
     cpu_ms = sum(s.metrics["on_cpu_ns"] for s in samples) / 1e6

@@ -253,7 +253,10 @@ def test_metric_catalogue_matches_the_families():
 
     counters = {n for cls in (Sched, Net, Proc, Mem) for n in cls.counters}
     counters |= {"syscalls", "syscalls_failed", "syscall_time_ns", "read_bytes", "write_bytes"}
-    assert counters | set(RSS_KINDS) | {"threads"} == {m.name for m in METRICS}
+    from osad.collector.procfs import PROCESS_GAUGES
+
+    assert counters | set(RSS_KINDS) | {"threads"} | set(PROCESS_GAUGES) == {m.name for m in METRICS}
+    assert {m.name for m in METRICS if m.family == "procfs"} == set(PROCESS_GAUGES)
     assert Syscalls.name == "syscalls"
 
 

@@ -128,6 +128,19 @@ def test_fresh_memory_grows_rss_anon(col, work):
     assert abs(grown - proc_grown) <= 0.05 * 64 * MiB, (grown, proc_grown)
     for kind in ("rss_file_bytes", "rss_shmem_bytes", "rss_swap_bytes"):
         assert kind in ph.work.metrics
+    # the mapping itself: virtual size and the data segment (a private writable mapping) grow by exactly it
+    for gauge in ("vm_size_bytes", "vm_data_bytes"):
+        g = ph.work.metrics[gauge] - ph.before.metrics[gauge]
+        assert abs(g - 64 * MiB) <= 0.01 * 64 * MiB, (gauge, g)
+    assert ph.work.metrics["page_tables_bytes"] > ph.before.metrics["page_tables_bytes"]  # 16,384 more PTEs
+    assert ph.work.metrics["huge_pages_bytes"] == 0 and ph.work.metrics["vm_stack_bytes"] > 0
+
+
+def test_open_descriptors_gauge(col, work):
+    """A process that opens 100 descriptors shows open_fds up by exactly 100."""
+    ph = Phased(col, work, "fds", 100)
+    assert ph.work.metrics["open_fds"] - ph.before.metrics["open_fds"] == 100, (ph.before.metrics, ph.work.metrics)
+    assert ph.before.metrics["open_fds"] >= 3  # stdin, stdout, stderr
 
 
 def test_loopback_tcp_bytes(col, work):

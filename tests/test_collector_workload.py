@@ -17,6 +17,7 @@ import pytest
 WORK_C = r"""
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -135,6 +136,10 @@ int main(int argc, char **argv)
         for (size_t i = 0; i < sz; i += 4096)
             p[i] = 1;
         sink += p[sz - 1];
+    } else if (!strcmp(mode, "fds")) {           /* open N descriptors (of /dev/null), kept open */
+        for (long i = 0; i < n; i++)
+            if (open("/dev/null", O_RDONLY) < 0)
+                return 4;
     } else if (!strcmp(mode, "tcp")) {           /* send (and receive) N bytes over loopback TCP */
         int rc = tcp(n);
         if (rc)

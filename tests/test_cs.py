@@ -177,6 +177,35 @@ def test_calibrated_cs_jump_starts_then_uses_train_ranges():
     assert set(out.detail) >= {"cs", "pca"}
 
 
+@pytest.mark.parametrize("grouping", ["window", "fit"])
+def test_score_many_scores_each_entity_as_its_own_scorer_would(grouping):
+    """Entities with their own calibrations, one reconstruction for all (the detector's batch across processes):
+    each entity's scores and contributions are those of its own scorer alone, to the tolerance batching has
+    anyway (test_cs_scores_do_not_depend_on_the_batch); unfitted ones score as JumpStarter."""
+    from osad.detector.cs import score_many
+
+    rng = np.random.default_rng(11)
+    scorers, items = [], []
+    for e in range(5):
+        sc = CalibratedCSScorer(max_calibration_windows=16, grouping=grouping)
+        if e != 3:  # entity 3 is still calibrating
+            sc.fit(batch(smooth_windows(24, seed=20 + e) + rng.normal(0, 0.01, (24, 60, 4))))
+            if grouping == "fit":
+                sc.cs.fit(batch(smooth_windows(24, seed=20 + e)))
+        v = smooth_windows(1 + e % 3, seed=40 + e)
+        v[0, -4:, e % 4] += 0.7
+        scorers.append(sc)
+        items.append((sc, v))
+    together = score_many(items)
+    for (sc, v), got in zip(items, together):
+        alone = sc.score(batch(v))
+        assert got.scores.shape == alone.scores.shape
+        assert np.allclose(got.scores, alone.scores, rtol=1e-4, atol=1e-6)
+        assert np.allclose(got.contributions, alone.contributions, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="fitted on 4 features"):
+        score_many([(scorers[0], smooth_windows(1, n=3))])
+
+
 def test_fast_grouping_matches_scipy_clustering():
     from scipy.cluster.hierarchy import fcluster, linkage
 
