@@ -245,14 +245,17 @@ def test_metrics_are_documented():
 
 
 def test_metric_catalogue_matches_the_families():
+    from osad.collector.bpf.block import Block
     from osad.collector.bpf.mem import RSS_KINDS, Mem
     from osad.collector.bpf.net import Net
     from osad.collector.bpf.proc import Proc
     from osad.collector.bpf.sched import Sched
     from osad.collector.bpf.syscalls import Syscalls
 
-    counters = {n for cls in (Sched, Net, Proc, Mem) for n in cls.counters}
-    counters |= {"syscalls", "syscalls_failed", "syscall_time_ns", "read_bytes", "write_bytes"}
+    counters = {n for cls in (Sched, Net, Proc, Mem, Block) for n in cls.counters}
+    from osad.collector.bpf.syscalls import CLASS_COUNTERS
+
+    counters |= {"syscalls", "syscalls_failed", "syscall_time_ns", "read_bytes", "write_bytes", *CLASS_COUNTERS}
     from osad.collector.procfs import PROCESS_GAUGES
 
     assert counters | set(RSS_KINDS) | {"threads"} | set(PROCESS_GAUGES) == {m.name for m in METRICS}

@@ -136,6 +136,29 @@ def test_fresh_memory_grows_rss_anon(col, work):
     assert ph.work.metrics["huge_pages_bytes"] == 0 and ph.work.metrics["vm_stack_bytes"] > 0
 
 
+@pytest.mark.parametrize("mode,cls,calls", [("futex", "sync", 10000), ("mmap", "mmap", 20000),
+                                            ("openclose", "fd", 20000)])
+def test_system_calls_land_in_their_class(col, work, mode, cls, calls):
+    """10,000 futex waits, 10,000 mmap/munmap pairs, 10,000 open/close pairs: each in its own class (within 2%),
+    the other classes nearly empty, and the classes add up to all system calls."""
+    from osad.collector.bpf.syscalls import CLASS_COUNTERS
+
+    ph = Phased(col, work, mode, 10000)
+    m = ph.work.metrics
+    assert calls <= m[f"syscalls_{cls}"] <= 1.02 * calls, {k: m[k] for k in CLASS_COUNTERS}
+    others = sum(m[k] for k in CLASS_COUNTERS if k != f"syscalls_{cls}")
+    assert others <= 0.02 * calls, {k: m[k] for k in CLASS_COUNTERS}
+    assert sum(m[k] for k in CLASS_COUNTERS) == m["syscalls"]
+
+
+def test_direct_writes_count_as_block_bytes(col, work):
+    """8 MiB written with O_DIRECT (and fsync'd) reach the block device: block_write_bytes of at least 8 MiB."""
+    ph = Phased(col, work, "dwrite", 8)
+    m = ph.work.metrics
+    assert 8 * MiB <= m["block_write_bytes"] <= 8 * MiB + 1 * MiB, m["block_write_bytes"]  # plus metadata
+    assert m["write_bytes"] >= 8 * MiB
+
+
 def test_open_descriptors_gauge(col, work):
     """A process that opens 100 descriptors shows open_fds up by exactly 100."""
     ph = Phased(col, work, "fds", 100)

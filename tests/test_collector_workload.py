@@ -136,6 +136,37 @@ int main(int argc, char **argv)
         for (size_t i = 0; i < sz; i += 4096)
             p[i] = 1;
         sink += p[sz - 1];
+    } else if (!strcmp(mode, "futex")) {         /* N futex waits (on a changed value: they return at once) */
+        int word = 1;
+        for (long i = 0; i < n; i++)
+            syscall(SYS_futex, &word, 0 /* FUTEX_WAIT */, 0, NULL, NULL, 0);
+    } else if (!strcmp(mode, "mmap")) {          /* N mmap/munmap pairs of one page */
+        for (long i = 0; i < n; i++) {
+            void *p = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (p == MAP_FAILED || munmap(p, 4096))
+                return 4;
+        }
+    } else if (!strcmp(mode, "openclose")) {     /* N open/close pairs of /dev/null */
+        for (long i = 0; i < n; i++) {
+            int fd = open("/dev/null", O_RDONLY);
+            if (fd < 0 || close(fd))
+                return 4;
+        }
+    } else if (!strcmp(mode, "dwrite")) {        /* write N MiB to a file with O_DIRECT (fsync'd), then remove it */
+        char path[64];
+        snprintf(path, sizeof path, "/var/tmp/osad-work-%d", (int)getpid());
+        int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT, 0600);
+        if (fd < 0)
+            fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);  /* no O_DIRECT here: fsync does it */
+        void *buf;
+        if (fd < 0 || posix_memalign(&buf, 4096, 1 << 20))
+            return 4;
+        memset(buf, 7, 1 << 20);
+        for (long i = 0; i < n; i++)
+            if (write(fd, buf, 1 << 20) != 1 << 20)
+                return 5;
+        if (fsync(fd) || close(fd) || unlink(path))
+            return 6;
     } else if (!strcmp(mode, "fds")) {           /* open N descriptors (of /dev/null), kept open */
         for (long i = 0; i < n; i++)
             if (open("/dev/null", O_RDONLY) < 0)

@@ -96,6 +96,7 @@ def has_group_dead() -> bool:
 def family_classes(with_probes: bool) -> list[type[Family]]:
     """Families in load order. proc must be last: its exit record then follows every other
     family's exit handling (raw tracepoint programs run in the order they were attached)."""
+    from .block import Block
     from .mem import Mem
     from .net import Net
     from .proc import Proc
@@ -103,7 +104,7 @@ def family_classes(with_probes: bool) -> list[type[Family]]:
     from .syscalls import Syscalls
     from .uprobes import Uprobes
 
-    out: list[type[Family]] = [Sched, Syscalls, Mem, Net]
+    out: list[type[Family]] = [Sched, Syscalls, Mem, Net, Block]
     if with_probes:
         out.append(Uprobes)
     out.append(Proc)

@@ -5,6 +5,7 @@
  * A syscall counts when it returns (exit/exit_group never do). Failed = returned -4095..-1.
  * Bytes read/written = positive return values of the read and write families (OSAD_IS_READ /
  * OSAD_IS_WRITE, numbers for this architecture, defined by syscalls.py), on any file descriptor.
+ * By class: the call's number, through the table sc_class, picks one of eight counters.
  */
 struct sc_stats {
     u32 tgid;
@@ -14,6 +15,15 @@ struct sc_stats {
     u64 syscall_time_ns;
     u64 read_bytes;
     u64 write_bytes;
+    /* by class, in syscalls.py's SYSCALL_CLASSES order (sc_class maps a number to its index) */
+    u64 syscalls_other;
+    u64 syscalls_fd;
+    u64 syscalls_rw;
+    u64 syscalls_mmap;
+    u64 syscalls_sync;
+    u64 syscalls_proc;
+    u64 syscalls_net;
+    u64 syscalls_time;
 };
 #define OSAD_VALUE_T struct sc_stats
 #include "common.h"
@@ -23,6 +33,7 @@ struct inflight_t {
     s64 nr;
 };
 BPF_HASH(inflight, u32, struct inflight_t, OSAD_MAX_THREADS);
+BPF_ARRAY(sc_class, u8, 512);  /* syscall number -> class index (0: other), filled by syscalls.py */
 
 /* No osad_event() here: this is the hottest path; syscalls.py counts 2 events per syscall. */
 RAW_TRACEPOINT_PROBE(sys_enter)
@@ -71,6 +82,12 @@ RAW_TRACEPOINT_PROBE(sys_exit)
                 __sync_fetch_and_add(&st->write_bytes, (u64)ret);
         }
 #endif
+        /* the class of the call (its number from the entry; the exit's own id is the same) */
+        s64 nr = f->nr;
+        u32 idx = (nr >= 0 && nr < 512) ? (u32)nr : 0;
+        u8 *c = sc_class.lookup(&idx);
+        u32 k = (c && nr >= 0 && nr < 512) ? (*c & 7) : 0;
+        __sync_fetch_and_add(&st->syscalls_other + k, 1);
         f->ts = 0;
     }
     return 0;
