@@ -62,7 +62,29 @@ def available_commands() -> set[str]:
     return set()
 
 
+def _config_file(argv: list[str]) -> tuple[str | None, tuple[str, ...]]:
+    """The --config FILE (or $OSAD_CONFIG) of a command line, and the subcommand names before the first option:
+    the file is read while that command's parser is built (runtime.config.ConfigFile)."""
+    import os
+
+    path = os.environ.get("OSAD_CONFIG") or None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+    commands = []
+    for a in argv:
+        if a.startswith("-"):
+            break
+        commands.append(a)
+    return path, tuple(commands[:2])
+
+
 def main(argv: list[str] | None = None) -> int:
+    from osad.runtime.config import use_config_file
+
+    use_config_file(*_config_file(sys.argv[1:] if argv is None else list(argv)))
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -42,7 +42,8 @@ import inspect
 import os
 import typing
 from dataclasses import MISSING, dataclass
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any, Callable
 
 
 class ConfigError(ValueError):
@@ -191,7 +192,11 @@ class Config:
         parser_kw.setdefault("help", summary.strip())
         parser_kw.setdefault("description", " ".join(rest.split()) or summary.strip())
         p = subparsers.add_parser(name, **parser_kw)
-        cls.add_arguments(p, exclude=exclude)
+        environ = None
+        if _CONFIG_FILE["path"] and name in _CONFIG_FILE["commands"]:
+            environ = ConfigFile(_CONFIG_FILE["path"], cls, exclude).over(os.environ)
+        cls.add_arguments(p, environ=environ, exclude=exclude)
+        ConfigFileOption.add_arguments(p)  # read by osad/cli.py before the parsers are built
         p.set_defaults(func=run)
         return p
 
@@ -206,6 +211,135 @@ class Config:
                 kw[f.name] = getattr(args, f.name)
         kw.update(overrides)
         return cls(**kw)
+
+
+@dataclass(frozen=True)
+class ConfigFileOption(Config):
+    """Every command's --config (declared here once; osad/cli.py reads it before the parsers are built)."""
+
+    config_file: str | None = setting(None, flag="--config", env="OSAD_CONFIG", metavar="FILE",
+                                      help="YAML file of this command's settings, one key per option, named as the "
+                                      "flag without its dashes (interval: 0.5; probe: [c:malloc, c:free]; "
+                                      "follow-children: true); the OSAD_* variables and the flags win over it")
+
+
+#: the config file the command being run was given (osad/cli.py finds it before the parsers are built)
+_CONFIG_FILE: dict[str, Any] = {"path": None, "commands": ()}
+
+
+def use_config_file(path: str | None, commands: tuple[str, ...]) -> None:
+    """Read ``path`` (YAML) for the subcommand named by one of ``commands`` when its parser is built."""
+    _CONFIG_FILE.update(path=path or None, commands=tuple(commands))
+
+
+class ConfigFile:
+    """A command's settings from a YAML file, as a layer beneath the environment: each key is an option's flag
+    without its dashes (``interval``, ``max-processes`` or ``max_processes``, ``no-topics``), each value what the
+    flag or the variable would take (a list for a repeatable option; true/false for a switch). It is checked
+    like the variables (the same parsing, choices and checks), and a wrong key or value is a
+    :class:`ConfigError` naming the file and the key. Precedence: flag, then variable, then file, then default.
+
+    >>> import tempfile, os
+    >>> @dataclass(frozen=True)
+    ... class Demo(Config):
+    ...     gap: int = setting(10, help="samples between windows", check=positive)
+    >>> f = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False); _ = f.write("gap: 5"); f.close()
+    >>> p = argparse.ArgumentParser(); Demo.add_arguments(p, environ=ConfigFile(f.name, Demo).over({}))
+    >>> Demo.from_args(p.parse_args([]))
+    Demo(gap=5)
+    >>> os.unlink(f.name)
+    """
+
+    def __init__(self, path: str, cls: type, exclude: tuple[str, ...] = ()):
+        self.path = path
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"--config {path}: reading YAML needs PyYAML: pip install pyyaml") from None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot read it: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML: {' '.join(str(e).split())}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {path}: give a mapping of option names to values (interval: 0.5), "
+                              f"not a {type(data).__name__}")
+        index = {}  # key -> (variable, setting)
+        for owner, f, st in _all_settings(cls):
+            if f.name in exclude:
+                continue
+            for flag in (st.flag_for(f.name), *st.aliases):
+                if flag.startswith("--"):
+                    index[flag[2:]] = (st.env_for(f.name), st)
+        self.values: dict[str, str] = {}
+        self.keys: dict[str, str] = {}
+        for key, value in data.items():
+            k = str(key).lstrip("-").replace("_", "-")
+            if k not in index:
+                import difflib
+
+                near = difflib.get_close_matches(k, index, n=3)
+                hint = f"; did you mean {', '.join(near)}?" if near else f"; the options are: {', '.join(sorted(index))}"
+                raise ConfigError(f"--config {path}: {key!r} is not an option of this command{hint}")
+            var, st = index[k]
+            if not var:
+                raise ConfigError(f"--config {path}: {key!r} cannot be set in a file (give it on the command line)")
+            if value is None:
+                continue
+            self.values[var] = self._text(key, value, st)
+            self.keys[var] = str(key)
+
+    def _text(self, key, value, st: Setting) -> str:
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        if isinstance(value, (list, tuple)):
+            if st.repeat is None:
+                raise ConfigError(f"--config {self.path}: {key!r} takes one value, not a list")
+            return st.repeat.join(self._text(key, v, st) for v in value)
+        if isinstance(value, dict):
+            raise ConfigError(f"--config {self.path}: {key!r} takes a value, not a mapping")
+        return str(value)
+
+    def over(self, environ: Mapping[str, str]) -> "_Layered":
+        """The environment with this file beneath it."""
+        return _Layered(environ, self)
+
+    def where(self, var: str) -> str:
+        return f"--config {self.path}: {self.keys[var]}"
+
+
+class _Layered(Mapping):
+    """The environment, then a config file: what add_arguments reads; ``where`` names a value's origin."""
+
+    def __init__(self, environ: Mapping[str, str], file: ConfigFile):
+        self.environ, self.file = environ, file
+
+    def __getitem__(self, k):
+        if k in self.environ:
+            return self.environ[k]
+        return self.file.values[k]
+
+    def __iter__(self):
+        return iter({**self.file.values, **dict(self.environ)})
+
+    def __len__(self):
+        return len(set(self.file.values) | set(self.environ))
+
+    def where(self, var: str) -> str:
+        return f"environment variable {var}" if var in self.environ else self.file.where(var)
+
+
+def _all_settings(cls):
+    """(config class, field, setting) of every setting of ``cls``, sections included."""
+    for f in dataclasses.fields(cls):
+        if "osad_section" in f.metadata:
+            yield from _all_settings(f.metadata["osad_section"])
+        elif "osad" in f.metadata:
+            yield cls, f, f.metadata["osad"]
 
 
 def _parser_for(s: Setting, tp) -> Callable[[str], Any]:
@@ -227,7 +361,7 @@ def _add(target, cls, name: str, s: Setting, tp, default, env: Mapping[str, str]
         if raw not in (None, ""):
             on = raw.strip().lower() in ("1", "true", "yes", "on")
             if not on and raw.strip().lower() not in ("0", "false", "no", "off"):
-                raise ConfigError(f"environment variable {var}={raw!r}: give 1 or 0 (for {flag})")
+                raise ConfigError(f"{_origin(env, var)}={raw!r}: give 1 or 0 (for {flag})")
             default = (not on) if s.negate else on
         shown = f" (env {var}=1)" if var else ""
         return target.add_argument(flag, *s.aliases, dest=name, action="store_false" if s.negate else "store_true",
@@ -238,14 +372,14 @@ def _add(target, cls, name: str, s: Setting, tp, default, env: Mapping[str, str]
             vals = []
             for part in (x.strip() for x in raw.split(s.repeat)):
                 if part:
-                    vals.append(_convert_env(conv, s, part, var, flag))
+                    vals.append(_convert_env(conv, s, part, var, flag, env))
         sep = "spaces" if s.repeat == " " else f"'{s.repeat}'"
         from_env = f"; env {var}, several separated by {sep}; flags replace the env" if var else ""
         return target.add_argument(flag, *s.aliases, dest=name, action=_FlagsReplaceEnv, type=_checked(conv, s.check),
                                    default=vals, metavar=s.metavar or name.upper(),
                                    help=f"{s.help} (repeatable{from_env})")
     if raw not in (None, ""):
-        default = _convert_env(conv, s, raw, var, flag)
+        default = _convert_env(conv, s, raw, var, flag, env)
     shown = ""
     if var:
         shown = f" (env {var}; default: {default})" if default not in (None, "") else f" (env {var})"
@@ -273,17 +407,24 @@ def _group(parser: argparse.ArgumentParser, title: str, description: str | None)
     return parser.add_argument_group(title, description)
 
 
-def _convert_env(conv, s: Setting, raw: str, var: str, flag: str):
+def _convert_env(conv, s: Setting, raw: str, var: str, flag: str, env: Mapping[str, str] | None = None):
+    where = _origin(env, var)
     try:
         v = conv(raw)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"environment variable {var}={raw!r} is not valid for {flag}: {e}") from None
+        raise ConfigError(f"{where}={raw!r} is not valid for {flag}: {e}") from None
     if s.choices is not None and v not in s.choices:
-        raise ConfigError(f"environment variable {var}={raw!r}: choose one of {', '.join(map(str, s.choices))}")
+        raise ConfigError(f"{where}={raw!r}: choose one of {', '.join(map(str, s.choices))}")
     msg = s.check(v) if s.check else None
     if msg:
-        raise ConfigError(f"environment variable {var}={raw!r} is not valid for {flag}: {msg}")
+        raise ConfigError(f"{where}={raw!r} is not valid for {flag}: {msg}")
     return v
+
+
+def _origin(env: Mapping[str, str] | None, var: str) -> str:
+    """Where the value of ``var`` came from, for a message: the environment, or a config file's key."""
+    where = getattr(env, "where", None)
+    return where(var) if where else f"environment variable {var}"
 
 
 def _checked(type_, check):
