@@ -58,6 +58,10 @@ class CollectorConfig(Config):
                                       metavar="BINARY:FUNCTION",
                                       help="count calls of FUNCTION in BINARY (a path, or a library name such as c) "
                                       "and time inside it, per process (uprobe + uretprobe)")
+    heap: bool = setting(False, help="also follow the heap: libc malloc, calloc, realloc and free (uprobes, "
+                         "aggregated in kernel): allocations and bytes allocated and freed per interval, and "
+                         "outstanding bytes. The probes fire in every process that calls libc, watched or not, "
+                         "so the cost is host-wide (docs/benchmarks.md); eBPF only")
     interval_s: float = setting(1.0, flag="--interval", metavar="INTERVAL", check=positive, help="seconds per Sample")
     max_processes: int | None = setting(100, check=positive,
                                         help="at most this many processes per interval (those with most on-CPU time "

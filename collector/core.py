@@ -77,6 +77,7 @@ class Entity:
     first_drain: int | None = None  # drain number of its first Sample (seq = drain - first_drain)
     acc: dict[str, float] = field(default_factory=dict)     # counter deltas this interval
     gauges: dict[str, float] = field(default_factory=dict)  # latest gauge values
+    heap_outstanding: int = 0  # --heap: bytes allocated and not freed since first watched (loop.py)
     proc_gauges: dict[str, int] | None = None  # latest /proc gauges (loop.py), for its last Sample after it exits
 
     @property

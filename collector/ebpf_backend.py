@@ -33,13 +33,13 @@ class EbpfBackend(Backend):
     def unavailable_reason(cls) -> str | None:
         return unavailable_reason()
 
-    def __init__(self, targets: TargetSpec, *, host: str, per_thread: bool = False, probes=()):
+    def __init__(self, targets: TargetSpec, *, host: str, per_thread: bool = False, probes=(), heap: bool = False):
         reason = self.unavailable_reason()
         if reason:
             raise EbpfUnavailable(reason)
         settings = BpfSettings(filter=targets.kernel_filter, follow=targets.follow_children,
                                per_thread=per_thread, self_tgid=os.getpid(),
-                               have_group_dead=has_group_dead(), probes=list(probes))
+                               have_group_dead=has_group_dead(), probes=list(probes), heap=heap)
         try:
             self.families, self.warnings = load_families(settings)
         except FamilyLoadError as e:
@@ -52,6 +52,8 @@ class EbpfBackend(Backend):
         counters = [n for f in self.families for n in f.counters]
         gauges = (list(RSS_KINDS) if self.mem else []) + ["threads"]
         derived = [p.mean_name() for p in self.by_name["uprobes"].probes] if "uprobes" in self.by_name else []
+        if "heap" in self.by_name:
+            gauges.append("heap_outstanding_bytes")  # collector/loop.py sums it
         self.metric_names = counters + gauges + derived
         self.reader = ProcReader()
         self.tracker = Tracker(host, per_thread=per_thread, counter_names=counters,

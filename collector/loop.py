@@ -77,7 +77,8 @@ class Collector:
     def _open_backend(self) -> Backend:
         cfg = self.cfg
         try:
-            return EbpfBackend(self.targets, host=self.host, per_thread=cfg.per_thread, probes=cfg.probes)
+            return EbpfBackend(self.targets, host=self.host, per_thread=cfg.per_thread, probes=cfg.probes,
+                               heap=cfg.heap)
         except EbpfUnavailable as e:
             self.fallback_reason = str(e)
             if cfg.require_ebpf:
@@ -86,6 +87,8 @@ class Collector:
                         "signal and probe metrics are absent)", e)
             if cfg.probes:
                 log.warning("--probe needs eBPF; no probe metrics will be collected")
+            if cfg.heap:
+                log.warning("--heap needs eBPF; no heap metrics will be collected")
             return ProcfsBackend(self.targets, host=self.host, per_thread=cfg.per_thread)
 
     def prime(self) -> None:
@@ -124,6 +127,11 @@ class Collector:
         self.intervals += 1
         self.last_events = self.backend.events_since_last()
         self.events_total += self.last_events
+        for r in reports:  # every report, chosen or not, so that the sum misses no interval
+            if "heap_alloc_bytes" in r.metrics:
+                e = r.entity
+                e.heap_outstanding += r.metrics["heap_alloc_bytes"] - r.metrics["heap_free_bytes"]
+                r.metrics["heap_outstanding_bytes"] = float(e.heap_outstanding)
         comm = self.targets.comm
         if comm is not None:
             for r in reports:

@@ -106,5 +106,19 @@ PROBE_METRICS: tuple[MetricDef, ...] = (
               "Mean latency of the interval's calls; absent in an interval without calls."),
 )
 
+#: with --heap (family heap, uprobes on libc's allocator)
+HEAP_METRICS: tuple[MetricDef, ...] = (
+    MetricDef("heap_allocs", "calls", "counter", "heap", "uretprobes of libc malloc, calloc, realloc (non-NULL)",
+              "Allocations that succeeded."),
+    MetricDef("heap_alloc_bytes", "bytes", "counter", "heap", "uprobes of libc malloc, calloc, realloc (size)",
+              "Bytes those allocations asked for."),
+    MetricDef("heap_frees", "calls", "counter", "heap", "uprobes of libc free, realloc (old pointer)",
+              "Frees of allocations made while the process was watched (older ones are not known)."),
+    MetricDef("heap_free_bytes", "bytes", "counter", "heap", "uprobes of libc free, realloc",
+              "Bytes of those allocations given back."),
+    MetricDef("heap_outstanding_bytes", "bytes", "gauge", "heap", "heap_alloc_bytes - heap_free_bytes, summed",
+              "Allocated since the process was first watched and not freed yet (memleak-style)."),
+)
+
 BY_NAME = {m.name: m for m in METRICS}
 GAUGES = tuple(m.name for m in METRICS if m.kind == "gauge")

@@ -12,7 +12,7 @@ import pytest
 
 from osad.collector.bpf.uprobes import ProbeSpec, unique_labels
 from osad.collector.core import Birth, Entity, ExitRecord, Report, Snapshot, Tracker, select
-from osad.collector.metrics import METRICS, PROBE_METRICS
+from osad.collector.metrics import HEAP_METRICS, METRICS, PROBE_METRICS
 from osad.collector.procfs import FALLBACK_COUNTERS, FALLBACK_GAUGES, NS_PER_TICK, ProcStat, parse_stat
 from osad.collector.sinks import CsvSink, JsonlSink, parse_output, read_csv, SinkError
 from osad.collector.targets import TargetError, build
@@ -236,7 +236,7 @@ def test_jsonl_and_csv_outputs(tmp_path):
 
 def test_metrics_are_documented():
     doc = (ROOT / "docs" / "metrics.md").read_text()
-    for m in METRICS + PROBE_METRICS:
+    for m in METRICS + PROBE_METRICS + HEAP_METRICS:
         assert f"`{m.name}`" in doc, f"{m.name} is not documented in docs/metrics.md"
     names = {m.name for m in METRICS}
     assert set(FALLBACK_COUNTERS) | set(FALLBACK_GAUGES) <= names  # the fallback uses the same names

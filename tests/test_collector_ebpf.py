@@ -260,6 +260,24 @@ def test_threads_mode(work):
         c.close()
 
 
+def test_heap_outstanding_bytes(work):
+    """--heap: 1,000 mallocs of 4 KiB that are never freed show about 4 MiB outstanding, and the 10 malloc/free
+    pairs after them are counted as allocated and freed."""
+    if unavailable_reason():
+        pytest.skip(f"eBPF cannot load here: {unavailable_reason()}")
+    c = Collector(CollectorConfig(require_ebpf=True, heap=True), TargetSpec(only_added=True)).start()  # fails loud
+    try:
+        ph = Phased(c, work, "malloc", 1000)
+        m, before = ph.work.metrics, ph.before.metrics
+        assert 1010 <= m["heap_allocs"] <= 1010 + 20, m  # stdio may allocate a little around the work
+        assert 10 <= m["heap_frees"] <= 10 + 20, m
+        grown = m["heap_outstanding_bytes"] - before["heap_outstanding_bytes"]
+        assert abs(grown - 1000 * 4096) <= 0.01 * 1000 * 4096, grown
+        assert m["heap_alloc_bytes"] - m["heap_free_bytes"] == grown
+    finally:
+        c.close()
+
+
 def test_user_function_probe(work):
     """--probe BINARY:FUNCTION: a function called 1,000 times is counted 1,000 times."""
     from osad.collector.bpf.uprobes import ProbeSpec

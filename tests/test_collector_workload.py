@@ -167,6 +167,14 @@ int main(int argc, char **argv)
                 return 5;
         if (fsync(fd) || close(fd) || unlink(path))
             return 6;
+    } else if (!strcmp(mode, "malloc")) {        /* N mallocs of 4 KiB, never freed; then 10 malloc/free pairs */
+        for (long i = 0; i < n; i++)
+            if (!malloc(4096))
+                return 4;
+        for (int i = 0; i < 10; i++) {
+            void *volatile p = malloc(100);  /* volatile: the compiler may not elide the pair */
+            free(p);
+        }
     } else if (!strcmp(mode, "fds")) {           /* open N descriptors (of /dev/null), kept open */
         for (long i = 0; i < n; i++)
             if (open("/dev/null", O_RDONLY) < 0)

@@ -93,10 +93,11 @@ def has_group_dead() -> bool:
         return False
 
 
-def family_classes(with_probes: bool) -> list[type[Family]]:
+def family_classes(with_probes: bool, with_heap: bool = False) -> list[type[Family]]:
     """Families in load order. proc must be last: its exit record then follows every other
     family's exit handling (raw tracepoint programs run in the order they were attached)."""
     from .block import Block
+    from .heap import Heap
     from .mem import Mem
     from .net import Net
     from .proc import Proc
@@ -107,6 +108,8 @@ def family_classes(with_probes: bool) -> list[type[Family]]:
     out: list[type[Family]] = [Sched, Syscalls, Mem, Net, Block]
     if with_probes:
         out.append(Uprobes)
+    if with_heap:
+        out.append(Heap)
     out.append(Proc)
     return out
 
@@ -117,12 +120,12 @@ def load_families(settings: BpfSettings) -> tuple[list[Family], list[str]]:
     proc family (lifecycle) or every counter family fails, or if a --probe cannot be attached."""
     loaded: list[Family] = []
     warnings: list[str] = []
-    for cls in family_classes(bool(settings.probes)):
+    for cls in family_classes(bool(settings.probes), settings.heap):
         fam = cls(settings)
         try:
             fam.load()
         except FamilyLoadError as e:
-            if cls.name in ("proc", "uprobes"):
+            if cls.name in ("proc", "uprobes", "heap"):  # asked for by name: an error, not a warning
                 for f in loaded:
                     f.close()
                 raise FamilyLoadError(f"family {cls.name}: {e}") from None

@@ -39,6 +39,7 @@ class BpfSettings:
     max_targets: int = 16384
     have_group_dead: bool = True   # sched_process_exit's raw tracepoint has a group_dead argument
     probes: list = field(default_factory=list)  # [ProbeSpec] for the uprobes family
+    heap: bool = False             # load the heap family (libc allocator uprobes)
 
     def defines(self) -> dict[str, str]:
         return {
