@@ -130,3 +130,27 @@ static __always_inline void osad_newtask(u32 child, u64 clone_flags)
     }
 #endif
 }
+
+#ifdef OSAD_VALUE_T
+/* The two lifecycle programs of a family with a stats map (net, block, heap, syscalls): task creation, and the
+ * exit that moves a task's counters to `dead`. EXIT_HOOK: a function called first at exit with the thread id
+ * (a family's per-thread scratch to drop; bcc allows no map call inside a macro), or osad_no_exit_hook. */
+static __always_inline void osad_no_exit_hook(u32 tid) {}
+#define OSAD_LIFECYCLE(EXIT_HOOK)                                                   \
+TRACEPOINT_PROBE(task, task_newtask)                                                \
+{                                                                                   \
+    osad_event();                                                                   \
+    osad_newtask((u32)args->pid, args->clone_flags);                                \
+    return 0;                                                                       \
+}                                                                                   \
+RAW_TRACEPOINT_PROBE(sched_process_exit)                                            \
+{                                                                                   \
+    osad_event();                                                                   \
+    u64 id = bpf_get_current_pid_tgid();                                            \
+    int group_dead = OSAD_GROUP_DEAD(ctx, id);                                      \
+    EXIT_HOOK((u32)id);                                                             \
+    osad_exit_move(id, group_dead, bpf_ktime_get_boot_ns());                        \
+    osad_exit_targets(id, group_dead);                                              \
+    return 0;                                                                       \
+}
+#endif

@@ -61,19 +61,4 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
     return on_sock(args->family, args->ret, 1);
 }
 
-TRACEPOINT_PROBE(task, task_newtask)
-{
-    osad_event();
-    osad_newtask((u32)args->pid, args->clone_flags);
-    return 0;
-}
-
-RAW_TRACEPOINT_PROBE(sched_process_exit)
-{
-    osad_event();
-    u64 id = bpf_get_current_pid_tgid();
-    int group_dead = OSAD_GROUP_DEAD(ctx, id);
-    osad_exit_move(id, group_dead, bpf_ktime_get_boot_ns());
-    osad_exit_targets(id, group_dead);
-    return 0;
-}
+OSAD_LIFECYCLE(osad_no_exit_hook)

@@ -93,21 +93,5 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     return 0;
 }
 
-TRACEPOINT_PROBE(task, task_newtask)
-{
-    osad_event();
-    osad_newtask((u32)args->pid, args->clone_flags);
-    return 0;
-}
-
-RAW_TRACEPOINT_PROBE(sched_process_exit)
-{
-    osad_event();
-    u64 id = bpf_get_current_pid_tgid();
-    int group_dead = OSAD_GROUP_DEAD(ctx, id);
-    u32 tid = (u32)id;
-    inflight.delete(&tid);
-    osad_exit_move(id, group_dead, bpf_ktime_get_boot_ns());
-    osad_exit_targets(id, group_dead);
-    return 0;
-}
+static __always_inline void sc_exit(u32 tid) { inflight.delete(&tid); }
+OSAD_LIFECYCLE(sc_exit)
