@@ -45,21 +45,28 @@ WORKLOAD_C = r"""
 
 static volatile unsigned long sink;
 
+static long nmalloc;
+
 static void work(long iters, long nsys)
 {
     for (long i = 0; i < iters; i++)
         sink += i * i;
     for (long i = 0; i < nsys; i++)
         syscall(SYS_getppid);
+    for (long i = 0; i < nmalloc; i++) {
+        void *volatile p = malloc(64 + (i & 255));
+        free(p);
+    }
 }
 
-/* usage: pingpong PAIRS MESSAGES WORK SYSCALLS */
+/* usage: pingpong PAIRS MESSAGES WORK SYSCALLS [MALLOCS] */
 int main(int argc, char **argv)
 {
-    if (argc != 5)
+    if (argc != 5 && argc != 6)
         return 2;
     int pairs = atoi(argv[1]);
     long msgs = atol(argv[2]), iters = atol(argv[3]), nsys = atol(argv[4]);
+    nmalloc = argc == 6 ? atol(argv[5]) : 0;
     for (int p = 0; p < pairs; p++) {
         int ab[2], ba[2];
         if (pipe(ab) || pipe(ba))
@@ -117,7 +124,8 @@ def run_workload(binary: str, a, collector=None) -> tuple[float, float]:
 
     t0 = time.monotonic()
     nice = (lambda: os.nice(a.nice)) if a.nice else None
-    p = subprocess.Popen([binary, str(a.pairs), str(a.messages), str(a.work), str(a.syscalls)], preexec_fn=nice)
+    p = subprocess.Popen([binary, str(a.pairs), str(a.messages), str(a.work), str(a.syscalls), str(a.mallocs)],
+                         preexec_fn=nice)
     threading.Thread(target=wait, args=(p,), daemon=True).start()
     next_t = t0 + 1.0
     while not done.wait(max(0.0, next_t - time.monotonic()) if collector else None):
@@ -143,6 +151,9 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=2.0,
                     help="seconds to wait before each timed run, in both modes (after loading the collector, "
                     "whose compilation is a CPU burst)")
+    ap.add_argument("--heap", action="store_true", help="the collector with --heap (libc allocator uprobes)")
+    ap.add_argument("--mallocs", type=int, default=0,
+                    help="malloc/free pairs per message in the workload (what --heap's probes cost grows with)")
     ap.add_argument("--nice", type=int, default=0,
                     help="run the workload at this nice value (e.g. -10 on a shared machine, so that other "
                     "load disturbs its wall time less; the same in both modes)")
@@ -173,7 +184,7 @@ def main() -> int:
             base_wall.append(w)
             base_cpu.append(c)
         else:
-            col = Collector(CollectorConfig(max_processes=100, require_ebpf=True), TargetSpec(all=True),
+            col = Collector(CollectorConfig(max_processes=100, require_ebpf=True, heap=a.heap), TargetSpec(all=True),
                             sink=JsonlSink(str(tmp / f"samples{i}.jsonl"))).start()
             try:
                 time.sleep(a.settle)
@@ -193,7 +204,8 @@ def main() -> int:
               file=sys.stderr)
     med = statistics.median
     print(f"workload: {a.pairs} ping-pong pairs x {a.messages} messages, {a.work} work iterations and "
-          f"{a.syscalls} getppid per message, nice {a.nice}; {a.rounds} rounds each, alternating; "
+          f"{a.syscalls} getppid and {a.mallocs} malloc/free per message, nice {a.nice}; collector "
+          f"{'with --heap' if a.heap else 'default families'}; {a.rounds} rounds each, alternating; "
           f"{os.cpu_count()} CPUs, load average before/after {load0} / {os.getloadavg()[0]:.2f}")
     print(f"wall time   without {med(base_wall):.3f} s, with {med(with_wall):.3f} s: "
           f"slowdown ratio {med(with_wall) / med(base_wall):.4f} (medians); "
