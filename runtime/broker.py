@@ -342,7 +342,8 @@ class Relay:
 
     def _on_loop_error(self, loop, context) -> None:
         exc = context.get("exception")
-        if isinstance(exc, (ssl.SSLError, ConnectionError, OSError, asyncio.CancelledError)):  # a failed handshake, a stop
+        # a client that failed its handshake, or connections cut at a stop
+        if isinstance(exc, (ssl.SSLError, ConnectionError, OSError, asyncio.CancelledError)):
             log.debug("relay: %s", context.get("message"))
         else:
             loop.default_exception_handler(context)

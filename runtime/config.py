@@ -283,7 +283,8 @@ class ConfigFile:
                 import difflib
 
                 near = difflib.get_close_matches(k, index, n=3)
-                hint = f"; did you mean {', '.join(near)}?" if near else f"; the options are: {', '.join(sorted(index))}"
+                hint = (f"; did you mean {', '.join(near)}?" if near
+                        else f"; the options are: {', '.join(sorted(index))}")
                 raise ConfigError(f"--config {path}: {key!r} is not an option of this command{hint}")
             var, st = index[k]
             if not var:

@@ -48,6 +48,14 @@ def wait_until(cond, timeout_s: float = 60.0, every_s: float = 0.05, what: str =
         time.sleep(every_s)
 
 
+def show(request, text: str) -> None:
+    """Print a test's figures to the terminal even while pytest captures output, so that CI's log has them (the
+    chaos, outage and fuzz counts the issues ask to see printed). ``request``: the test's or fixture's."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        print(text, flush=True)
+
+
 def osad_cmd(*args: str) -> list[str]:
     """Command line that runs the osad CLI with this interpreter."""
     return [sys.executable, "-m", "osad", *args]

@@ -98,13 +98,13 @@ def s3(tmp_path, monkeypatch):
         log.close()
 
 
-def test_with_s3_storage_topics_messages_and_offsets_survive_a_broker_crash(s3, tmp_path):
+def test_with_s3_storage_topics_messages_and_offsets_survive_a_broker_crash(s3, tmp_path, request):
     from kafka import TopicPartition
 
     from osad.runtime.broker import EmbeddedBroker
     from osad.runtime.kafka import Publisher, ensure_topics, make_consumer
     from osad.runtime.reader import TopicReader
-    from tests.conftest import wait_until
+    from tests.conftest import show, wait_until
 
     _need_broker()
     b = EmbeddedBroker(storage=s3, log_file=str(tmp_path / "broker.log")).start()
@@ -136,7 +136,8 @@ def test_with_s3_storage_topics_messages_and_offsets_survive_a_broker_crash(s3, 
         c2 = make_consumer(b.bootstrap, "test", "osad-durable")
         assert c2.committed(tp) == committed
         c2.close()
-        print(f"\ns3 storage: 50 of 50 messages and the committed offset {committed} kept across a broker crash")
+        show(request, f"\ns3 storage: 50 of 50 messages and the committed offset {committed} kept across a broker "
+                      "crash")
     finally:
         b.stop()
 

@@ -486,7 +486,7 @@ def _spans(seqs: list[int], gap: int = 10) -> str:
 # ------------------------------------------------------------------------------- the tests
 
 @pytest.fixture(scope="module")
-def chaos(broker, datasets_dir, tmp_path_factory):
+def chaos(broker, datasets_dir, tmp_path_factory, request):
     from osad.agreement import make_plan
     from osad.core.datasets import load_entity
     from osad.core.signature import span
@@ -507,7 +507,9 @@ def chaos(broker, datasets_dir, tmp_path_factory):
     want = expected_window_seqs(plan, ev.gap, need)
     c = compare(ref, run, want)
     text = report(ref, run, c)
-    print("\n" + text + f"\n  both runs: {time.monotonic() - t0:.0f} s", flush=True)
+    from tests.conftest import show
+
+    show(request, "\n" + text + f"\n  both runs: {time.monotonic() - t0:.0f} s")
     return dict(plan=plan, ref=ref, run=run, want=want, c=c, text=text)
 
 

@@ -43,9 +43,9 @@ def _seqs_by_entity(messages) -> dict[str, list[int]]:
     return out
 
 
-def test_a_60s_broker_outage_loses_no_sample_of_the_live_collector(relayed_broker, tmp_path):
+def test_a_60s_broker_outage_loses_no_sample_of_the_live_collector(relayed_broker, tmp_path, request):
     from osad.runtime.broker import free_port
-    from tests.conftest import wait_until
+    from tests.conftest import show, wait_until
     from tests.kafkautil import Proc, TopicReader, health
 
     b = relayed_broker
@@ -83,9 +83,9 @@ def test_a_60s_broker_outage_loses_no_sample_of_the_live_collector(relayed_broke
         on_topic = sum(len(v) for v in seqs.values())
         missing = sum(len(set(range(max(v) + 1)) - set(v)) for v in seqs.values())
         duplicated = on_topic - sum(len(set(v)) for v in seqs.values())
-        print(f"\noutage {outage_s:.1f} s under the live collector: samples made {made} ({during} during the outage), "
-              f"delivered {delivered}, on the topic {on_topic} (missing {missing}, duplicated {duplicated}), "
-              f"dropped {full + refused + at_exit}")
+        show(request, f"\noutage {outage_s:.1f} s under the live collector: samples made {made} ({during} during the "
+                      f"outage), delivered {delivered}, on the topic {on_topic} (missing {missing}, duplicated "
+                      f"{duplicated}), dropped {full + refused + at_exit}")
         assert "has not acknowledged" in log and "is back after" in log, log[-3000:]
         assert (full, refused, at_exit) == (0, 0, 0)
         assert delivered == made == on_topic
@@ -116,11 +116,12 @@ def test_the_collector_buffer_is_bounded_drops_the_oldest_and_counts_what_it_los
     assert snd.counts["dropped_at_exit"] == 10 and snd.counts["sent"] == 0
 
 
-def test_services_ride_out_an_outage_without_restarting_or_losing_a_window(relayed_broker, tmp_path, datasets_dir):
+def test_services_ride_out_an_outage_without_restarting_or_losing_a_window(relayed_broker, tmp_path, datasets_dir,
+                                                                           request):
     """Replay -> featurizer -> detector while the broker goes away for 20 s mid-stream: both services stay up
     (same processes) and reconnect by themselves, and every window of the replayed rows is made and scored."""
     from osad.runtime.broker import free_port
-    from tests.conftest import wait_until
+    from tests.conftest import show, wait_until
     from tests.kafkautil import Proc, TopicReader, health
 
     b = relayed_broker
@@ -167,7 +168,7 @@ def test_services_ride_out_an_outage_without_restarting_or_losing_a_window(relay
             assert p.p.pid == pids[k] and p.p.poll() is None, f"{k} restarted or exited"
             assert health(ports[k])["broker_outage_s"] == 0.0
         holes = [e for e in range(ends[0], ends[-1] + 1, gap) if e not in ends]
-        print(f"\nservices through a {time.monotonic() - t_cut:.0f} s outage: windows {len(ends)} "
+        show(request, f"\nservices through a {time.monotonic() - t_cut:.0f} s outage: windows {len(ends)} "
               f"(seq {ends[0]}..{ends[-1]}, holes {len(holes)}), scored {len(ids)} of {len(ids)}, restarts 0")
         assert not holes and ends[-1] >= last_end
     finally:
