@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from osad.runtime.config import Config, KafkaConfig, ServiceConfig, non_negative, positive, section, setting
 
+from .bpf.traces import TraceSpec
 from .bpf.uprobes import ProbeSpec
 from .targets import TargetSpec, build
 
@@ -58,6 +59,19 @@ class CollectorConfig(Config):
                                       metavar="BINARY:FUNCTION",
                                       help="count calls of FUNCTION in BINARY (a path, or a library name such as c) "
                                       "and time inside it, per process (uprobe + uretprobe)")
+    traces: list[TraceSpec] = setting([], flag="--trace", parse=TraceSpec.parse, repeat="\n",
+                                      metavar="BINARY:FUNCTION|ENTRY|RETURN",
+                                      help="a message per call of FUNCTION in BINARY, formatted with Python's "
+                                      "str.format from {arg1}..{arg6} (64-bit) or {arg1_32}..{arg6_32} (32-bit "
+                                      "signed) at entry and {retval} / {retval_32} at return, also {pid}, {tid}, "
+                                      "{function}; e.g. '/usr/bin/app:search|Enter search, n={arg1_32}|search "
+                                      "returned {retval_32}' (a RETURN of - traces entries only); to "
+                                      "--trace-output; eBPF only")
+    trace_output: str = setting("", metavar="jsonl:PATH",
+                                help="where --trace messages go: jsonl:PATH (- for standard output), one JSON "
+                                "object per line: ts, host, pid, tid, comm, trace, event (entry/return), text")
+    trace_rate: int = setting(100, check=positive, help="at most this many --trace messages per process per "
+                              "second (in kernel); the rest are counted and said at exit")
     heap: bool = setting(False, help="also follow the heap: libc malloc, calloc, realloc and free (uprobes, "
                          "aggregated in kernel): allocations and bytes allocated and freed per interval, and "
                          "outstanding bytes. The probes fire in every process that calls libc, watched or not, "
@@ -82,3 +96,10 @@ class CollectorConfig(Config):
                                  help="fail instead of falling back to /proc sampling when eBPF cannot be used")
     kafka: KafkaConfig = section(KafkaConfig)
     service: ServiceConfig = section(ServiceConfig)  # no --group: the collector consumes no topic
+
+    def validate(self) -> str | None:
+        if self.traces and not self.trace_output:
+            return "--trace needs --trace-output jsonl:PATH (where its messages go; - for standard output)"
+        if self.trace_output and not self.trace_output.startswith("jsonl:"):
+            return f"--trace-output {self.trace_output!r}: write jsonl:PATH (- for standard output)"
+        return None

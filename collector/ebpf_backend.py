@@ -33,13 +33,15 @@ class EbpfBackend(Backend):
     def unavailable_reason(cls) -> str | None:
         return unavailable_reason()
 
-    def __init__(self, targets: TargetSpec, *, host: str, per_thread: bool = False, probes=(), heap: bool = False):
+    def __init__(self, targets: TargetSpec, *, host: str, per_thread: bool = False, probes=(), heap: bool = False,
+                 traces=(), trace_rate: int = 100):
         reason = self.unavailable_reason()
         if reason:
             raise EbpfUnavailable(reason)
         settings = BpfSettings(filter=targets.kernel_filter, follow=targets.follow_children,
                                per_thread=per_thread, self_tgid=os.getpid(),
-                               have_group_dead=has_group_dead(), probes=list(probes), heap=heap)
+                               have_group_dead=has_group_dead(), probes=list(probes), heap=heap,
+                               traces=list(traces), trace_rate=trace_rate)
         try:
             self.families, self.warnings = load_families(settings)
         except FamilyLoadError as e:
@@ -114,6 +116,11 @@ class EbpfBackend(Backend):
     def watching(self) -> bool:
         """Target mode: some target is still alive (kernel targets map, or known to the tracker)."""
         return bool(self.proc.targets()) or bool(self.tracker.alive())
+
+    def drain_traces(self):
+        """The --trace events since the last call, and the counts lost so far (see bpf/traces.py)."""
+        t = self.by_name.get("traces")
+        return t.drain() if t is not None else ([], 0, 0)
 
     def describe_entity(self, r: Report) -> None:
         e = r.entity

@@ -57,12 +57,17 @@ class Collector:
         self._stop = threading.Event()
         self.children: list = []
         self.on_interval = None
+        self.traces = None  # a TraceWriter with --trace
 
     # ---- setup ----------------------------------------------------------------------------
     def start(self) -> "Collector":
         """Open the backend, watch the --pid targets (and their children), start the first interval.
         Raises EbpfUnavailable (with --require-ebpf) or TargetError (a --pid exited meanwhile)."""
         self.backend = self._open_backend()
+        if self.cfg.traces and hasattr(self.backend, "drain_traces"):
+            from .traces import TraceWriter
+
+            self.traces = TraceWriter(self.cfg.trace_output.partition(":")[2], self.cfg.traces, self.host)
         for w in self.backend.warnings:
             log.warning("%s", w)
         for pid in self.targets.pids:
@@ -78,7 +83,7 @@ class Collector:
         cfg = self.cfg
         try:
             return EbpfBackend(self.targets, host=self.host, per_thread=cfg.per_thread, probes=cfg.probes,
-                               heap=cfg.heap)
+                               heap=cfg.heap, traces=cfg.traces, trace_rate=cfg.trace_rate)
         except EbpfUnavailable as e:
             self.fallback_reason = str(e)
             if cfg.require_ebpf:
@@ -89,6 +94,8 @@ class Collector:
                 log.warning("--probe needs eBPF; no probe metrics will be collected")
             if cfg.heap:
                 log.warning("--heap needs eBPF; no heap metrics will be collected")
+            if cfg.traces:
+                log.warning("--trace needs eBPF; no trace messages will be written")
             return ProcfsBackend(self.targets, host=self.host, per_thread=cfg.per_thread)
 
     def prime(self) -> None:
@@ -123,6 +130,8 @@ class Collector:
         interval, self._last = max(now - self._last, 1e-6), now
         ts = time.time()
         reports = self.backend.poll()
+        if self.traces is not None:
+            self.traces.write(*self.backend.drain_traces())
         self.drain += 1
         self.intervals += 1
         self.last_events = self.backend.events_since_last()
@@ -195,6 +204,9 @@ class Collector:
                 f"{rate}, own CPU {cpu:.2f} s ({100 * cpu / wall:.2f}% of one CPU)")
 
     def close(self) -> None:
+        if self.traces is not None:
+            self.traces.write(*self.backend.drain_traces())
+            self.traces.close()
         if self.backend is not None:
             self.backend.close()
         if self.sink is not None:

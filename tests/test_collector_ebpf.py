@@ -278,6 +278,47 @@ def test_heap_outstanding_bytes(work):
         c.close()
 
 
+def test_function_trace_messages(work, tmp_path):
+    """--trace: a traced function called 10 times with n = 0..9 gives exactly those 10 formatted entry messages and
+    10 return messages (its return value is the running sum), in order, from that process."""
+    import json
+
+    from osad.collector.bpf.traces import TraceSpec
+
+    if unavailable_reason():
+        pytest.skip(f"eBPF cannot load here: {unavailable_reason()}")
+    out = tmp_path / "traces.jsonl"
+    spec = TraceSpec.parse(f"{work}:osad_probe_target|Enter search, n={{arg1_32}}|search returned {{retval_32}}")
+    c = Collector(CollectorConfig(require_ebpf=True, traces=[spec], trace_output=f"jsonl:{out}"),
+                  TargetSpec(only_added=True)).start()
+    try:
+        ph = Phased(c, work, "probe", 10)
+    finally:
+        c.close()
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["text"] for x in lines if x["event"] == "entry"] == [f"Enter search, n={i}" for i in range(10)]
+    assert [x["text"] for x in lines if x["event"] == "return"] == \
+        [f"search returned {sum(range(i + 1))}" for i in range(10)]
+    assert len(lines) == 20 and all(x["pid"] == ph.p.pid and x["trace"].endswith(":osad_probe_target") for x in lines)
+    assert [x["event"] for x in lines[:4]] == ["entry", "return", "entry", "return"]
+    assert all(x["ts"] > 1.6e9 for x in lines) and lines == sorted(lines, key=lambda x: x["ts"])
+
+
+def test_trace_specs_are_checked():
+    from osad.collector.bpf.traces import TraceSpec
+
+    t = TraceSpec.parse("c:malloc|malloc({arg1})|-")
+    assert (t.binary, t.function, t.entry, t.ret) == ("c", "malloc", "malloc({arg1})", "")
+    assert t.text(0, [4096, 0, 0, 0, 0, 0], 1, 1) == "malloc(4096)" and t.text(1, [7] + [0] * 5, 1, 1) is None
+    assert TraceSpec.parse("c:f|x|r={retval_32}").text(1, [2**32 - 1, 0, 0, 0, 0, 0], 1, 1) == "r=-1"
+    for bad, msg in (("c:f|{argz}", "unknown field 'argz'"), ("c:f|{arg1", "bad format"), ("f", "BINARY:FUNCTION"),
+                     ("c:f|a|b|c", "at most two")):
+        with pytest.raises(ValueError, match=msg):
+            TraceSpec.parse(bad)
+    with pytest.raises(Exception, match="--trace needs --trace-output"):
+        CollectorConfig(traces=[t])
+
+
 def test_user_function_probe(work):
     """--probe BINARY:FUNCTION: a function called 1,000 times is counted 1,000 times."""
     from osad.collector.bpf.uprobes import ProbeSpec

@@ -93,11 +93,12 @@ def has_group_dead() -> bool:
         return False
 
 
-def family_classes(with_probes: bool, with_heap: bool = False) -> list[type[Family]]:
+def family_classes(with_probes: bool, with_heap: bool = False, with_traces: bool = False) -> list[type[Family]]:
     """Families in load order. proc must be last: its exit record then follows every other
     family's exit handling (raw tracepoint programs run in the order they were attached)."""
     from .block import Block
     from .heap import Heap
+    from .traces import Traces
     from .mem import Mem
     from .net import Net
     from .proc import Proc
@@ -110,6 +111,8 @@ def family_classes(with_probes: bool, with_heap: bool = False) -> list[type[Fami
         out.append(Uprobes)
     if with_heap:
         out.append(Heap)
+    if with_traces:
+        out.append(Traces)
     out.append(Proc)
     return out
 
@@ -120,12 +123,12 @@ def load_families(settings: BpfSettings) -> tuple[list[Family], list[str]]:
     proc family (lifecycle) or every counter family fails, or if a --probe cannot be attached."""
     loaded: list[Family] = []
     warnings: list[str] = []
-    for cls in family_classes(bool(settings.probes), settings.heap):
+    for cls in family_classes(bool(settings.probes), settings.heap, bool(settings.traces)):
         fam = cls(settings)
         try:
             fam.load()
         except FamilyLoadError as e:
-            if cls.name in ("proc", "uprobes", "heap"):  # asked for by name: an error, not a warning
+            if cls.name in ("proc", "uprobes", "heap", "traces"):  # asked for by name: an error, not a warning
                 for f in loaded:
                     f.close()
                 raise FamilyLoadError(f"family {cls.name}: {e}") from None

@@ -131,11 +131,16 @@ static __always_inline void osad_newtask(u32 child, u64 clone_flags)
 #endif
 }
 
-#ifdef OSAD_VALUE_T
-/* The two lifecycle programs of a family with a stats map (net, block, heap, syscalls): task creation, and the
- * exit that moves a task's counters to `dead`. EXIT_HOOK: a function called first at exit with the thread id
- * (a family's per-thread scratch to drop; bcc allows no map call inside a macro), or osad_no_exit_hook. */
-static __always_inline void osad_no_exit_hook(u32 tid) {}
+#ifndef OSAD_VALUE_T
+/* a family without a stats map (traces) has no counters to move at exit */
+static __always_inline void osad_exit_move(u64 id, int group_dead, u64 now_boot) {}
+#endif
+
+/* The two lifecycle programs of a family (net, block, heap, syscalls, traces): task creation, and the exit that
+ * moves a task's counters to `dead`. EXIT_HOOK: a function called first at exit with the task's id and whether
+ * its whole group is gone (a family's per-thread scratch to drop; bcc allows no map call inside a macro), or
+ * osad_no_exit_hook. */
+static __always_inline void osad_no_exit_hook(u64 id, int group_dead) {}
 #define OSAD_LIFECYCLE(EXIT_HOOK)                                                   \
 TRACEPOINT_PROBE(task, task_newtask)                                                \
 {                                                                                   \
@@ -148,9 +153,8 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)                                        
     osad_event();                                                                   \
     u64 id = bpf_get_current_pid_tgid();                                            \
     int group_dead = OSAD_GROUP_DEAD(ctx, id);                                      \
-    EXIT_HOOK((u32)id);                                                             \
+    EXIT_HOOK(id, group_dead);                                                      \
     osad_exit_move(id, group_dead, bpf_ktime_get_boot_ns());                        \
     osad_exit_targets(id, group_dead);                                              \
     return 0;                                                                       \
 }
-#endif

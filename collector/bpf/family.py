@@ -40,6 +40,8 @@ class BpfSettings:
     have_group_dead: bool = True   # sched_process_exit's raw tracepoint has a group_dead argument
     probes: list = field(default_factory=list)  # [ProbeSpec] for the uprobes family
     heap: bool = False             # load the heap family (libc allocator uprobes)
+    traces: list = field(default_factory=list)  # [TraceSpec] for the traces family
+    trace_rate: int = 100          # trace messages per process per second, at most
 
     def defines(self) -> dict[str, str]:
         return {

@@ -115,5 +115,5 @@ int heap_free(struct pt_regs *ctx)
     return 0;
 }
 
-static __always_inline void heap_exit(u32 tid) { req.delete(&tid); }
+static __always_inline void heap_exit(u64 id, int group_dead) { u32 tid = (u32)id; req.delete(&tid); }
 OSAD_LIFECYCLE(heap_exit)

@@ -93,5 +93,5 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     return 0;
 }
 
-static __always_inline void sc_exit(u32 tid) { inflight.delete(&tid); }
+static __always_inline void sc_exit(u64 id, int group_dead) { u32 tid = (u32)id; inflight.delete(&tid); }
 OSAD_LIFECYCLE(sc_exit)
