@@ -421,6 +421,10 @@ class ReportConfig(KafkaConfig):
                                     help="read Samples, Scores and Anomalies from this JSONL file instead of the "
                                     "topics (from osad collect --output jsonl:FILE or osad alert --jsonl FILE), "
                                     "e.g. --from-jsonl run.jsonl")
+    traces: str | None = setting(None, env="OSAD_REPORT_TRACES", group=SOURCES, metavar="FILE",
+                                 help="the collector's --trace-output JSONL: the HTML report lists the entity's "
+                                 "trace lines from 30 s before each anomaly to 30 s after it, e.g. --traces "
+                                 "traces.jsonl")
     idle_ms: int = setting(1500, group=SOURCES, check=positive,
                            help="stop reading a topic when nothing arrived for this long (or at its end), e.g. "
                            "--idle-ms 3000")

@@ -435,7 +435,8 @@ def png_bytes(fig: "Figure") -> bytes:
     return buf.getvalue()
 
 
-def write_report(fig: "Figure", path: str | Path, entity_id: str, anomalies: Sequence[Anomaly] = ()) -> Path:
+def write_report(fig: "Figure", path: str | Path, entity_id: str, anomalies: Sequence[Anomaly] = (),
+                 traces: Mapping[str, list[dict]] | None = None) -> Path:
     """Write ``fig`` as PNG, or as self-contained HTML with the anomaly table, by the suffix of ``path``."""
     p = check_output(str(path))
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -443,12 +444,75 @@ def write_report(fig: "Figure", path: str | Path, entity_id: str, anomalies: Seq
     if p.suffix.lower() == ".png":
         p.write_bytes(png)
     else:
-        p.write_text(html_page(entity_id, png, anomalies), encoding="utf-8")
+        p.write_text(html_page(entity_id, png, anomalies, traces), encoding="utf-8")
     return p
 
 
-def html_page(entity_id: str, png: bytes, anomalies: Sequence[Anomaly]) -> str:
-    """A self-contained HTML page: the image (base64) and a table of the anomalies, oldest first."""
+#: trace lines listed around an anomaly: this long before its start and after its end, at most this many
+TRACE_MARGIN_S = 30.0
+TRACE_LINES_MAX = 50
+
+
+def load_traces(path: str) -> list[dict]:
+    """The messages of a --trace-output JSONL file (lines that are not trace messages are skipped)."""
+    out = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    d = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(d, dict) and {"ts", "pid", "text"} <= set(d):
+                    out.append(d)
+    except OSError as e:
+        raise ReportError(f"--traces {path}: cannot read it: {e.strerror}", 2) from None
+    return out
+
+
+def traces_around(traces: Sequence[dict], anomalies: Sequence[Anomaly], margin_s: float = TRACE_MARGIN_S,
+                  limit: int = TRACE_LINES_MAX) -> dict[str, list[dict]]:
+    """Per anomaly id, the trace messages of its process from ``margin_s`` before it started to ``margin_s``
+    after it ended (or its last update, while open), oldest first, at most ``limit``.
+
+    >>> from types import SimpleNamespace as A
+    >>> t = [{"ts": 100.0, "pid": 7, "text": "a"}, {"ts": 150.0, "pid": 7, "text": "b"},
+    ...      {"ts": 150.0, "pid": 8, "text": "c"}]
+    >>> a = A(anomaly_id="i", pid=7, start_ts=140.0, end_ts=160.0, last_ts=160.0)
+    >>> [x["text"] for x in traces_around(t, [a])["i"]]
+    ['b']
+    """
+    out = {}
+    for a in anomalies:
+        end = a.end_ts if a.end_ts is not None else a.last_ts
+        lo, hi = a.start_ts - margin_s, end + margin_s
+        rows = sorted((t for t in traces if t.get("pid") == a.pid and lo <= float(t["ts"]) <= hi),
+                      key=lambda t: float(t["ts"]))
+        out[a.anomaly_id] = rows[:limit]
+    return out
+
+
+def _trace_section(anomalies: Sequence[Anomaly], traces: Mapping[str, list[dict]] | None) -> str:
+    if traces is None:
+        return ""
+    parts = [f"<h2>Trace lines around each anomaly (&plusmn;{TRACE_MARGIN_S:.0f} s)</h2>"]
+    for a in sorted(anomalies, key=lambda a: a.start_ts):
+        rows = traces.get(a.anomaly_id) or []
+        parts.append(f"<h3>{html.escape(a.anomaly_id)} ({html.escape(a.severity)}, from {utc_ts(a.start_ts)})</h3>")
+        if not rows:
+            parts.append("<p>No trace lines of this process then.</p>")
+            continue
+        body = "".join(f"<tr><td>{utc_ts(float(t['ts']))}</td><td>{t.get('tid', '')}</td><td>"
+                       f"{html.escape(str(t.get('event', '')))}</td><td>{html.escape(str(t['text']))}</td></tr>"
+                       for t in rows)
+        parts.append(f"<table><tr><th>time (UTC)</th><th>tid</th><th>event</th><th>text</th></tr>{body}</table>")
+    return "\n".join(parts) + "\n"
+
+
+def html_page(entity_id: str, png: bytes, anomalies: Sequence[Anomaly],
+              traces: Mapping[str, list[dict]] | None = None) -> str:
+    """A self-contained HTML page: the image (base64), a table of the anomalies, oldest first, and (``traces``,
+    from :func:`traces_around`) the trace lines around each."""
     rows = []
     for a in sorted(anomalies, key=lambda a: a.start_ts):
         end = f"{utc_ts(a.end_ts)}" if a.end_ts is not None else f"open (last {utc_ts(a.last_ts)})"
@@ -463,7 +527,8 @@ def html_page(entity_id: str, png: bytes, anomalies: Sequence[Anomaly]) -> str:
             "body{font-family:sans-serif;margin:1.5em}img{max-width:100%}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;font-size:.9em}</style></head>\n"
             f"<body><h1>{title}</h1>\n<img alt=\"metrics, scores and anomalies of {html.escape(entity_id)}\" "
-            f"src=\"data:image/png;base64,{img}\">\n<h2>Anomalies ({len(rows)})</h2>\n{table}\n</body></html>\n")
+            f"src=\"data:image/png;base64,{img}\">\n<h2>Anomalies ({len(rows)})</h2>\n{table}\n"
+            f"{_trace_section(anomalies, traces)}</body></html>\n")
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -563,7 +628,12 @@ def run(args) -> int:
         anomalies = list(out.anomalies.values())
         fig = build_figure(args.entity, out.samples, out.scores, anomalies, thresholds=thresholds,
                            features=args.features, max_features=args.max_features)
-        path = write_report(fig, args.out, args.entity, anomalies)
+        traces = None
+        if getattr(args, "traces", None):
+            traces = traces_around(load_traces(args.traces), anomalies)
+            _say(f"--traces: {sum(map(len, traces.values()))} trace lines around the anomalies"
+                 + ("" if str(args.out).lower().endswith(".html") else " (listed only in an .html report)"))
+        path = write_report(fig, args.out, args.entity, anomalies, traces)
     except ReportError as e:
         _say(f"osad report: {e}")
         return e.code

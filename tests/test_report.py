@@ -85,6 +85,28 @@ def test_png_and_html_from_the_figure_builder(tmp_path):
     assert "minor_faults (80%)" in page and "open (last 2023-11-14 22:14:40)" in page
 
 
+def test_the_html_report_lists_the_trace_lines_around_each_anomaly(tmp_path, capsys):
+    """--traces FILE (the collector's --trace-output): the lines of the anomaly's process from 30 s before it to 30 s
+    after it, in time order; other processes' and other times' lines left out."""
+    import json
+
+    from osad.alerter.report import load_traces, traces_around
+
+    f = tmp_path / "traces.jsonl"
+    rows = [{"ts": T0 + 70, "pid": 7, "tid": 7, "event": "entry", "text": "Enter search, n=<3>"},
+            {"ts": T0 + 35, "pid": 7, "tid": 8, "event": "return", "text": "search returned 2"},
+            {"ts": T0 + 10, "pid": 7, "tid": 7, "event": "entry", "text": "too early"},
+            {"ts": T0 + 70, "pid": 9, "tid": 9, "event": "entry", "text": "another process"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    an = [anomaly()]
+    around = traces_around(load_traces(str(f)), an)
+    assert [t["text"] for t in around[an[0].anomaly_id]] == ["search returned 2", "Enter search, n=<3>"]
+    fig = build_figure(A, samples(), scores(), an, max_features=2)
+    page = write_report(fig, tmp_path / "r.html", A, an, around).read_text()
+    assert "Trace lines around each anomaly" in page and "Enter search, n=&lt;3&gt;" in page  # escaped
+    assert "too early" not in page and "another process" not in page
+
+
 def test_figure_without_samples_or_scores_still_draws(tmp_path):
     fig = build_figure(A, [], [], [anomaly()])
     assert png_size(write_report(fig, tmp_path / "a.png", A).read_bytes()) == tuple(
