@@ -34,15 +34,19 @@ pytestmark = [
 ]
 
 # fault -> metrics that fittingly explain it (the anomaly's top root-cause feature must be one)
+# (the syscall classes name the kind of call: the syscalls mode loops over getppid ("proc") and stat ("fd"); a
+# stall stops every kind of call the normal activity makes: sleeps "time", socket calls "net", reads "rw", ...)
 FAULTS = {
     "cpu": {"on_cpu_ns", "runq_wait_ns", "ctx_switches_involuntary"},
-    "leak": {"rss_anon_bytes", "page_faults_user"},
-    "syscalls": {"syscalls", "syscall_time_ns"},
-    "forks": {"forks", "on_cpu_ns", "page_faults_user", "syscalls", "syscall_time_ns"},
-    "io": {"write_bytes", "syscall_time_ns", "syscalls"},
-    "net": {"net_tx_bytes", "net_rx_bytes", "syscall_time_ns", "syscalls"},
+    "leak": {"rss_anon_bytes", "page_faults_user", "vm_size_bytes", "vm_data_bytes", "syscalls_mmap"},
+    "syscalls": {"syscalls", "syscall_time_ns", "syscalls_proc", "syscalls_fd"},  # getppid and stat
+    "forks": {"forks", "on_cpu_ns", "page_faults_user", "syscalls", "syscall_time_ns", "syscalls_proc",
+              "syscalls_mmap"},
+    "io": {"write_bytes", "syscall_time_ns", "syscalls", "block_write_bytes", "syscalls_rw", "syscalls_fd"},
+    "net": {"net_tx_bytes", "net_rx_bytes", "syscall_time_ns", "syscalls", "syscalls_net", "syscalls_rw"},
     "stall": {"on_cpu_ns", "ctx_switches_voluntary", "syscalls", "syscall_time_ns", "net_tx_bytes", "net_rx_bytes",
-              "read_bytes", "syscalls_failed", "page_faults_user"},
+              "read_bytes", "syscalls_failed", "page_faults_user", "syscalls_time", "syscalls_net", "syscalls_rw",
+              "syscalls_fd", "syscalls_sync", "syscalls_mmap", "syscalls_other"},
 }
 NORMAL_STRETCH_S = 180
 DETECT_WITHIN_S = 30
