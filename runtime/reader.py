@@ -199,10 +199,14 @@ class TopicReader:
         return self.end
 
     def caught_up(self) -> bool:
-        """Every partition at the end offsets :meth:`mark_end` noted, and the last poll brought nothing."""
+        """Every partition at the end offsets :meth:`mark_end` noted (or at the high watermark its fetches reported,
+        when that is further: Tansu 0.6.0 answers a "latest" ListOffsets with its last batch's base offset + 1, short
+        of a batch of several records, while fetch responses carry the true high watermark), and the last poll
+        brought nothing."""
         if self.end is None:
             return False
-        return self._last_count == 0 and all(self.consumer.position(tp) >= self.end[tp] for tp in self.partitions)
+        return self._last_count == 0 and all(
+            self.consumer.position(tp) >= max(self.end[tp], self.consumer.highwater(tp) or 0) for tp in self.partitions)
 
     def read_until_idle(self, idle_ms: int, on_record: Callable, poll_ms: int = 200) -> None:
         """Give ``on_record`` every record up to the end offsets of now; done once caught up, or when
