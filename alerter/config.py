@@ -125,6 +125,13 @@ class AlerterConfig(Config):
         "many processes of its host as a host event needs show the start of one (the first to cross, the "
         "one with the lowest threshold, then joins the event instead); 0 never waits")
 
+    contention_z: float = setting(
+        3.0, group=HOST_EVENTS, check=non_negative,
+        help="culprit and victims: a process whose run-queue wait rose this many spreads above its usual level "
+        "while its own CPU use and work did not rise is a victim of CPU contention: it joins the incident of a "
+        "process of its host whose CPU use rose as much (the culprit, which names it), or with another victim "
+        "makes a host event, and opens no incident of its own; 0 turns this off")
+
     def __post_init__(self):
         # --threshold gives (family, value) pairs; the engine looks thresholds up by family
         object.__setattr__(self, "static_thresholds", dict(self.static_thresholds))

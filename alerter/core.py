@@ -37,6 +37,7 @@ from typing import Callable
 
 from osad.schemas import Anomaly, Score
 
+from . import contention
 from .config import AlerterConfig, parse_threshold_override
 from .host_events import HostEvents
 from .incidents import (SEVERITY_BOUNDS, add_evidence, anomaly_id_for, changed, evidence_of, open_incident,
@@ -55,7 +56,7 @@ class Engine:
     ``load(entity_id)`` returns a persisted state (:meth:`EntityState.to_dict`) or None; it is asked
     the first time an entity is seen. :meth:`take_dirty` hands over the states to persist.
     ``counters`` counts events (duplicate, calibrated, opened, updated, closed, closed_idle,
-    evicted_idle, evicted_cap, loaded, held, host_opened, host_updated, host_closed).
+    evicted_idle, evicted_cap, loaded, held, host_opened, host_updated, host_closed, victim_joined, victim_held).
     """
 
     def __init__(self, cfg: AlerterConfig | None = None, load: Callable[[str], dict | None] | None = None):
@@ -106,6 +107,9 @@ class Engine:
         over = thr is not None and math.isfinite(s.score) and s.score > thr
         if hs is not None:
             hosts.track_top(ent, s, learn=not over and hs.incident is None)
+        if cfg.contention_z > 0:
+            contention.measure(ent, s, learn=not over and ent.incident is None and ent.affected_by is None
+                               and (hs is None or hs.incident is None))
         if thr is None:
             return []  # calibrating: not judged
         st.judged_threshold = thr
@@ -119,6 +123,10 @@ class Engine:
             if inc is None:
                 st.pending = (st.pending + [ev])[-(cfg.open_after + cfg.host_hold):]
                 due = st.over_run >= cfg.open_after
+                if cfg.contention_z > 0 and (due or ent.host_event):
+                    handled = self._victim(ent, hs, s)
+                    if handled is not None:
+                        return handled
                 if hs is not None and (ent.host_event or due):
                     group = hosts.group(ent, hs, s)
                     if group:
@@ -134,23 +142,76 @@ class Engine:
             st.over_run = 0
             st.under_run += 1
             st.pending = []
+            if ent.affected_by is not None and should_close(cfg, ent):
+                ent.affected_by = None
         out = hosts.check(ent, hs, s) if hs is not None else []
         if inc is None:
             return out
         if seq > inc.last_seq:
             inc.last_seq, inc.last_ts = seq, s.window_end_ts
+        if contention.is_culprit(ent, cfg.contention_z):
+            self._name_slowed(ent, inc, s)
         if opened:
             self.counters["opened"] += 1
-            return out + [publish_entity(cfg, ent, inc, "open", seq)]
+            return out + [publish_entity(cfg, ent, inc, "open", seq, name=mem.name)]
         if should_close(cfg, ent):
             ent.incident = None
             ent.last_closed_seq = max(ent.last_closed_seq, inc.last_seq)
             self.counters["closed"] += 1
-            return out + [publish_entity(cfg, ent, inc, "closed", seq)]
+            return out + [publish_entity(cfg, ent, inc, "closed", seq, name=mem.name)]
         if seq > inc.published_seq and changed(cfg, inc):
             self.counters["updated"] += 1
-            return out + [publish_entity(cfg, ent, inc, "update", seq)]
+            return out + [publish_entity(cfg, ent, inc, "update", seq, name=mem.name)]
         return out
+
+    # -- culprit and victims (osad.alerter.contention) ------------------------------------------
+    def _since(self, s: Score) -> float:
+        """The start of ``s``'s entity's last ``open_after`` windows (half a window of slack)."""
+        return s.window_end_ts - (self.cfg.open_after - 0.5) * s.gap * s.interval_s
+
+    def _victim(self, ent: EntityState, hs: HostState | None, s: Score) -> list[Anomaly] | None:
+        """``ent`` (over threshold, no incident of its own, due to open one or in a host event) as a victim
+        of CPU contention: the Anomalies to publish, or None when it is not one."""
+        mem, z, since = self.memory, self.cfg.contention_z, self._since(s)
+        recent = ent.victim_ts >= since - s.gap * s.interval_s
+        joined = mem.entities.get(ent.affected_by) if ent.affected_by else None
+        if joined is not None and (joined.incident is None or ent.entity_id not in joined.incident.affected):
+            joined = None  # that incident closed
+        # a joined victim's pending windows are with its culprit: judged by the newest one's evidence
+        evidence = contention.evidence_of_pending(ent)
+        if not contention.is_victim(ent, evidence, z, recent):
+            ent.affected_by = None  # no victim (any more): judged as a process of its own
+            return None
+        ent.victim_ts = s.window_end_ts
+        mem.dirty.add(ent.entity_id)
+        culprit = joined or contention.culprit_of(ent, mem.peers(ent.ref["host"]), z, since)
+        if culprit is not None:
+            if ent.entity_id not in culprit.incident.affected:
+                culprit.incident.affected.append(ent.entity_id)
+                mem.dirty.add(culprit.entity_id)
+            if ent.affected_by != culprit.entity_id:
+                ent.affected_by = culprit.entity_id
+                self.counters["victim_joined"] += 1
+            for st in ent.streams.values():
+                st.pending = st.pending[-1:]  # the newest window judges the next one
+            return []
+        if hs is not None:
+            if hs.incident is not None:
+                return self.host_events.fold(hs, [ent], s)
+            others = [p for p in mem.peers(hs.host) if p is not ent and p.victim_ts >= since
+                      and p.incident is None and p.host_event is None and p.affected_by is None]
+            if others:  # contention from outside the watched processes: a host event of two or more
+                return self.host_events.fold(hs, [ent] + others, s)
+        self.counters["victim_held"] += 1
+        return []
+
+    def _name_slowed(self, culprit: EntityState, inc: Incident, s: Score) -> None:
+        """Add to the culprit's incident the neighbours its CPU use slows now (over threshold or not)."""
+        since = self._since(s)
+        for p in self.memory.peers(culprit.ref["host"]):
+            if (p is not culprit and p.last_ts >= since and p.incident is None and p.entity_id not in inc.affected
+                    and contention.slowed(p, self.cfg.contention_z)):
+                inc.affected.append(p.entity_id)
 
     def _threshold(self, st: Stream, s: Score) -> float | None:
         thr = threshold_for(self.cfg, st, s)
@@ -194,7 +255,8 @@ class Engine:
         ent.last_closed_seq = max(ent.last_closed_seq, inc.last_seq)
         self.memory.dirty.add(eid)
         self.counters["closed_idle"] += 1
-        return [publish_entity(self.cfg, ent, inc, "closed", inc.last_seq, why="no scores")]
+        return [publish_entity(self.cfg, ent, inc, "closed", inc.last_seq, why="no scores",
+                               name=self.memory.name)]
 
     def close_stale(self, snapshot: dict) -> list[Anomaly]:
         """Close the incident of a persisted state that no Score brought (an entity that went away

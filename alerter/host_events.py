@@ -218,12 +218,7 @@ class HostEvents:
         return [self._publish(hs, inc, "closed", inc.last_seq, why)]
 
     def _publish(self, hs: HostState, inc: Incident, status: str, seq: int, why: str = "") -> Anomaly:
-        entities = self.memory.entities
-
-        def who(eid: str) -> str:
-            ref = (entities[eid].ref if eid in entities else {})
-            return f"{ref['comm']} ({ref['pid']})" if ref.get("comm") and ref.get("pid") is not None else eid
-        names = [who(e) for e in hs.members]
+        names = [self.memory.name(e) for e in hs.members]
         shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
         lead = (f"host {hs.host}: {len(names)} watched processes deviate together with the same profile ({shown}), "
                 "a common cause on the host (e.g. CPU contention) rather than one process's own behaviour")

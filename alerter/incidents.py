@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Callable
 
 from osad.schemas import SEVERITIES, Anomaly, RootCause, Score, Severity
 
@@ -123,23 +124,26 @@ def changed(cfg: AlerterConfig, inc: Incident) -> bool:
     return ([f for f, _ in top_features(inc, cfg.top_k)] != inc.published_top
             or severity_of(inc.max_ratio) != inc.published_severity
             or inc.models != inc.published_models
+            or inc.affected != inc.published_affected
             or inc.max_ratio > inc.published_ratio * (1.0 + cfg.update_min_change))
 
 
 def publish(cfg: AlerterConfig, entity_id: str, ref: dict, inc: Incident, status: str, seq: int, lead: str,
-            why: str = "", **extra) -> Anomaly:
-    """The next revision of ``inc`` as an Anomaly (``lead`` starts its summary; ``why`` says why it closed);
-    ``inc`` remembers what was published."""
+            why: str = "", note: str = "", **extra) -> Anomaly:
+    """The next revision of ``inc`` as an Anomaly (``lead`` starts its summary, ``note`` follows its top
+    features; ``why`` says why it closed); ``inc`` remembers what was published."""
     inc.revision += 1
     top = top_features(inc, cfg.top_k)
     sev = severity_of(inc.max_ratio)
     inc.published_seq, inc.published_ratio, inc.published_severity = seq, inc.max_ratio, sev
     inc.published_top, inc.published_models = [f for f, _ in top], list(inc.models)
+    inc.published_affected = list(inc.affected)
     families = ", ".join(dict.fromkeys(model_family(m) for m in inc.models))  # `models` has the full ids
     summary = (f"{lead}: {families} over threshold in {inc.windows_over} window(s), "
                f"max {inc.max_ratio:.2f}x threshold ({sev})")
     if top:
         summary += "; top features: " + ", ".join(f for f, _ in top[:3])
+    summary += note
     if status == "closed":
         summary += "; closed" + (f" ({why})" if why else "")
     fields = {"first_window_seq": inc.first_seq, **extra}
@@ -154,6 +158,12 @@ def publish(cfg: AlerterConfig, entity_id: str, ref: dict, inc: Incident, status
 
 
 def publish_entity(cfg: AlerterConfig, ent: EntityState, inc: Incident, status: str, seq: int,
-                   why: str = "") -> Anomaly:
-    """The next revision of an entity's own incident."""
-    return publish(cfg, ent.entity_id, ent.ref, inc, status, seq, ent.ref.get("comm") or ent.entity_id, why)
+                   why: str = "", name: Callable[[str], str] | None = None) -> Anomaly:
+    """The next revision of an entity's own incident (``name``: how its summary calls the processes it
+    slowed, by entity id)."""
+    note = ""
+    if inc.affected:
+        shown = [name(e) if name else e for e in inc.affected]
+        note = "; slowing " + ", ".join(shown[:8]) + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
+    return publish(cfg, ent.entity_id, ent.ref, inc, status, seq, ent.ref.get("comm") or ent.entity_id, why,
+                   note=note, affected=list(inc.affected))

@@ -80,7 +80,8 @@ class Alerter(Transform):
         self._m = {
             "events": metrics.counter("osad_alerter_events", "Alerter events (duplicate, calibrated, opened, updated, "
                                       "closed, closed_idle, loaded, evicted_idle, evicted_cap, "
-                                      "held, host_opened, host_updated, host_closed, republish_skipped)", ("event",)),
+                                      "held, host_opened, host_updated, host_closed, victim_joined, victim_held, "
+                                      "republish_skipped)", ("event",)),
             "anomalies": metrics.counter("osad_alerter_anomalies", "Anomaly states published", ("status",)),
             "sink": metrics.counter("osad_alerter_sink", "Sink deliveries (sent, retried, failed, dropped)",
                                     ("sink", "result")),

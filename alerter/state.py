@@ -79,6 +79,8 @@ class Incident:
     published_top: list[str] = field(default_factory=list)
     published_severity: str = ""
     published_models: list[str] = field(default_factory=list)
+    affected: list[str] = field(default_factory=list)  # entity ids of the processes this one's fault slowed
+    published_affected: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -96,13 +98,23 @@ class EntityState:
     top_freq: dict = field(default_factory=dict)  # feature -> how often it leads the contributions when not over
     top_n: int = 0  # windows counted in top_freq
     host_event: str | None = None  # anomaly_id of the host-wide event this entity's windows are part of
+    # culprit and victims (osad.alerter.contention): the usual level of each feature, learnt from windows under
+    # threshold, and how far the newest window is from it (in spreads)
+    level_mean: dict = field(default_factory=dict)
+    level_var: dict = field(default_factory=dict)
+    level_n: int = 0
+    level_seq: int = -1  # window_end_seq of the newest window learnt or measured
+    change: dict = field(default_factory=dict)  # feature -> (level - usual) / spread of the newest window
+    victim_ts: float = -math.inf  # window_end_ts of the newest window judged a victim of contention
+    affected_by: str | None = None  # entity id of the culprit whose incident this entity's windows joined
     last_seen: float = 0.0  # wall clock of the last score (not persisted: a reload counts as seen)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("last_seen")
-        if not math.isfinite(d["last_over_ts"]):
-            d["last_over_ts"] = None  # JSON has no -inf
+        for k in ("last_over_ts", "victim_ts"):
+            if not math.isfinite(d[k]):
+                d[k] = None  # JSON has no -inf
         d["v"] = STATE_VERSION
         return d
 
@@ -116,12 +128,15 @@ class EntityState:
             s["pending"] = [Evidence(**e) for e in s.get("pending", [])]
             streams[k] = Stream(**s)
         inc = Incident(**d["incident"]) if d.get("incident") else None
-        last_over = d.get("last_over_ts")
+        last_over, victim = d.get("last_over_ts"), d.get("victim_ts")
         return cls(entity_id=d["entity_id"], ref=dict(d.get("ref") or {}), streams=streams, incident=inc,
                    max_seq=d.get("max_seq", -1), last_closed_seq=d.get("last_closed_seq", -1),
                    last_ts=d.get("last_ts", 0.0), last_over_ts=-math.inf if last_over is None else last_over,
                    recent=list(d.get("recent") or []), recent_top=list(d.get("recent_top") or []),
-                   top_freq=dict(d.get("top_freq") or {}), top_n=d.get("top_n", 0), host_event=d.get("host_event"))
+                   top_freq=dict(d.get("top_freq") or {}), top_n=d.get("top_n", 0), host_event=d.get("host_event"),
+                   level_mean=dict(d.get("level_mean") or {}), level_var=dict(d.get("level_var") or {}),
+                   level_n=d.get("level_n", 0), level_seq=d.get("level_seq", -1), change=dict(d.get("change") or {}),
+                   victim_ts=-math.inf if victim is None else victim, affected_by=d.get("affected_by"))
 
 
 @dataclass
@@ -211,6 +226,11 @@ class Memory:
             hs = self.hosts[host] = HostState.from_dict(snap) if snap is not None else HostState(host)
         hs.last_seen = now
         return hs
+
+    def name(self, eid: str) -> str:
+        """How an anomaly calls entity ``eid``: "comm (pid)" when known, else its id."""
+        ref = self.entities[eid].ref if eid in self.entities else {}
+        return f"{ref['comm']} ({ref['pid']})" if ref.get("comm") and ref.get("pid") is not None else eid
 
     def peers(self, host: str) -> Iterator[EntityState]:
         """The entities of ``host`` in memory, by entity id."""

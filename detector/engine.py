@@ -270,6 +270,7 @@ class Engine:
         if bad.any():  # never publish NaN: it would not survive JSON; say so instead
             log.warning("%s produced %d non-finite scores; published as 0 with detail.invalid=1", mid, int(bad.sum()))
             scores = np.where(bad, 0.0, scores)
+        levels = window_levels(windows)
         out = []
         for i, w in enumerate(windows):
             detail = {k: float(v[i]) for k, v in res.detail.items() if np.isfinite(v[i])}
@@ -279,6 +280,25 @@ class Engine:
                 entity_id=w.entity_id, host=w.host, pid=w.pid, comm=w.comm, cgroup=w.cgroup,
                 container_id=w.container_id, window_end_ts=w.window_end_ts, window_end_seq=w.window_end_seq,
                 interval_s=w.interval_s, gap=w.gap, model_id=mid, score=float(scores[i]), threshold=thr,
-                features=list(w.features), contributions=contrib[i].tolist(), detail=detail,
+                features=list(w.features), contributions=contrib[i].tolist(), detail=detail, levels=levels[i],
             ))
         return out
+
+
+def window_levels(windows: list[SignatureWindow]) -> list[list[float] | None]:
+    """Each window's per-feature level: the mean of its newest ``gap`` scaled samples (4 decimals; None where
+    a value is not finite). The alerter compares them with the entity's usual levels to tell a rise from a fall.
+
+    >>> import numpy as np
+    >>> from osad.schemas import SignatureWindow
+    >>> v = np.array([[0.0, 1.0], [0.0, 1.0], [2.0, 0.5], [4.0, 0.5]], np.float32)
+    >>> w = SignatureWindow(entity_id="h/1@2", host="h", window_end_ts=1.0, window_end_seq=4, interval_s=1.0,
+    ...                     gap=2, features=["a", "b"], scales=[4], signatures=np.zeros((1, 1, 2, 2)), values=v)
+    >>> window_levels([w])
+    [[3.0, 0.5]]
+    """
+    out: list[list[float] | None] = []
+    for w in windows:
+        m = np.asarray(w.values[-max(1, min(w.gap, len(w.values))):], np.float64).mean(axis=0)
+        out.append([round(float(x), 4) for x in m] if np.isfinite(m).all() else None)
+    return out

@@ -167,13 +167,17 @@ class Score(EntityRef):
     features: list[str]
     contributions: list[float] = Field(..., description="Per-feature contribution, same order as features: non-negative, larger means more responsible (consumers normalise them into shares).")
     detail: dict[str, float] = Field(default_factory=dict, description="Model-specific extras (e.g. broken_w10).")
+    # Optional (added with culprit and victims; older producers leave it out):
+    levels: list[float] | None = Field(
+        None, description="Per-feature level of the window's newest ``gap`` samples (their mean, in the featurizer's "
+        "scaled units), same order as features: lets a consumer tell a metric that rose from one that fell.")
 
     @model_validator(mode="after")
     def _lengths(self) -> "Score":
-        if len(self.contributions) != len(self.features):
-            raise ValueError(
-                f"contributions has {len(self.contributions)} values for {len(self.features)} features"
-            )
+        for name in ("contributions", "levels"):
+            got = getattr(self, name)
+            if got is not None and len(got) != len(self.features):
+                raise ValueError(f"{name} has {len(got)} values for {len(self.features)} features")
         return self
 
 
@@ -215,6 +219,11 @@ class Anomaly(EntityRef):
         "contention); ``entity_id`` is then 'host:<host>', ``pid`` is None and ``members`` lists the processes.")
     members: list[str] = Field(
         default_factory=list, description="scope 'host': entity_ids of the processes whose windows make up the event.")
+    # Optional (added with culprit and victims):
+    affected: list[str] = Field(
+        default_factory=list, description="scope 'entity': entity_ids of the processes of the same host this one "
+        "slowed while its CPU use rose (their run-queue wait rose, their own CPU use did not); their deviations "
+        "join this incident instead of incidents of their own.")
 
 
 class DeadLetterInfo(BaseModel):

@@ -1,0 +1,150 @@
+"""Culprit and victims: one process's CPU use slows its neighbours; their deviations are its incident.
+
+When a process starts to spin, the processes sharing its CPUs wait longer for one: their run-queue
+wait and involuntary switches rise, their system calls take longer, they get less done. Their
+models see them deviate, yet nothing in them changed. Such a process is a *victim* of CPU
+contention. Telling it from a culprit needs the direction of each change, which contributions do
+not carry, so every Score carries its window's levels (``Score.levels``: the mean of the newest
+``gap`` scaled samples per feature) and each entity learns every feature's usual level and spread
+from its windows under threshold (:func:`measure`; exponentially weighted, one window weighing
+``LEVEL_ALPHA``, not while an incident of the entity or its host is open, so a fault is never
+learnt as usual). A window's *change* in a feature is its level minus the usual one, in spreads
+(a spread is never taken below ``SPREAD_FLOOR``, a twentieth of the featurizer's calibration range).
+
+With ``z = contention_z`` (AlerterConfig), an entity due to open an incident is
+
+* a **victim** (:func:`is_victim`) when its run-queue wait or involuntary switches hold a tenth of
+  its evidence and rose at least ``z / 2``, and nothing else it does rose as much: neither its CPU
+  use nor any feature that holds a tenth of its evidence, latencies aside (``*_time_ns``,
+  ``*_latency_mean_ns``: time inside a system call or function includes the wait for a CPU);
+* slowed by a **culprit** (:func:`culprit_of`): a process of the same host with an incident of its
+  own open whose CPU use rose at least ``z`` (the one that rose most).
+
+A victim joins its culprit's incident (listed in the culprit's ``affected``, opening none of its
+own); without a culprit, two victims or more at once make a host event (contention from outside
+the watched processes, e.g. an unwatched process or steal time); a lone victim opens nothing (it
+is counted, ``victim_held``). A victim leaves its culprit as soon as it is no victim any more (its own
+fault starts: it then opens its own incident). A culprit's incident also names the neighbours it
+slows whose models did not cross their thresholds, those whose wait rose at least ``z`` (:func:`slowed`). This is the "culprit and victims" item of
+issue 13; the rule is physical (a process cannot make itself wait for a CPU without running more),
+its one setting chosen without labels (docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+from osad.schemas import Score
+
+from .state import EntityState
+
+#: the process's own CPU use: a culprit's rises, a victim's does not
+CPU_FEATURE = "on_cpu_ns"
+#: what waiting for a CPU raises
+WAIT_FEATURES = ("runq_wait_ns", "ctx_switches_involuntary")
+#: weight of one window in the usual level and spread of each feature
+LEVEL_ALPHA = 0.02
+#: windows learnt before changes are measured
+LEVEL_MIN_WINDOWS = 20
+#: the smallest spread, in the featurizer's scaled units (its calibration range is 0..1)
+SPREAD_FLOOR = 0.05
+#: a feature holding at least this share of a victim's evidence must not have risen
+EVIDENCE_SHARE = 0.1
+
+
+def measure(ent: EntityState, s: Score, learn: bool) -> None:
+    """The newest window's change from ``ent``'s usual levels (``ent.change``, empty until
+    ``LEVEL_MIN_WINDOWS`` were learnt); with ``learn`` the window then adds to the usual levels.
+    Each window counts once, whichever of its models' Scores comes first.
+
+    >>> ent = EntityState("h/1@2")
+    >>> def s(seq, level):
+    ...     return Score(entity_id="h/1@2", host="h", window_end_ts=float(seq), window_end_seq=seq, interval_s=1.0,
+    ...                  gap=1, model_id="m", score=1.0, features=["a"], contributions=[1.0], levels=[level])
+    >>> for i in range(LEVEL_MIN_WINDOWS):
+    ...     measure(ent, s(i, 0.5 + 0.1 * (i % 2)), learn=True)
+    >>> measure(ent, s(20, 1.1), learn=False); ent.change
+    {'a': 11.0}
+    """
+    if s.levels is None or s.window_end_seq <= ent.level_seq:
+        return
+    ent.level_seq = s.window_end_seq
+    mean, var = ent.level_mean, ent.level_var
+    if ent.level_n >= LEVEL_MIN_WINDOWS:
+        ent.change = {f: round((x - mean[f]) / max(math.sqrt(var[f]), SPREAD_FLOOR), 3)
+                      for f, x in zip(s.features, s.levels) if f in mean}
+    else:
+        ent.change = {}
+    if not learn:
+        return
+    a = max(LEVEL_ALPHA, 1.0 / (ent.level_n + 1))
+    for f, x in zip(s.features, s.levels):
+        m = mean.get(f)
+        if m is None:
+            mean[f], var[f] = x, 0.0
+        else:
+            d = x - m
+            mean[f], var[f] = m + a * d, (1 - a) * (var[f] + a * d * d)
+    ent.level_n += 1
+
+
+def _latency(feature: str) -> bool:
+    return feature.endswith("_time_ns") or feature.endswith("_latency_mean_ns")
+
+
+def slowed(ent: EntityState, z: float) -> bool:
+    """``ent``'s newest window waited for a CPU at least ``z`` spreads more than usual and its CPU use
+    rose less than ``z / 2`` (how a culprit's incident picks the neighbours it names without evidence
+    of theirs: their models may stay under their thresholds)."""
+    ch = ent.change
+    return (z > 0 and max((ch.get(f, 0.0) for f in WAIT_FEATURES), default=0.0) >= z
+            and ch.get(CPU_FEATURE, 0.0) < z / 2)
+
+
+def is_victim(ent: EntityState, evidence: dict[str, float], z: float, recent: bool = False) -> bool:
+    """Whether ``ent``'s deviation, ``evidence`` (feature -> weight of its windows over threshold), is that
+    of a victim of CPU contention: its CPU use rose less than ``z / 2`` spreads; a wait feature holding
+    ``EVIDENCE_SHARE`` of the evidence rose at least ``z / 2`` (``z / 4`` when ``recent``: it was a victim
+    within its last ``open_after`` windows, and stays one while its wait ebbs); and no other feature
+    holding that share rose ``z / 2``, latencies aside (time in a call includes the wait for a CPU).
+
+    >>> ent = EntityState("h/1@2", change={"runq_wait_ns": 2.0, "on_cpu_ns": -0.5, "syscalls": -2.0})
+    >>> is_victim(ent, {"runq_wait_ns": 0.6, "syscalls": 0.4}, 3.0)
+    True
+    >>> ent.change["rss_anon_bytes"] = 4.0  # something of its own rose too: not only a victim
+    >>> is_victim(ent, {"runq_wait_ns": 0.5, "rss_anon_bytes": 0.5}, 3.0)
+    False
+    >>> ent.change["on_cpu_ns"] = 3.0  # it runs more: a culprit, not a victim
+    >>> is_victim(ent, {"runq_wait_ns": 1.0}, 3.0)
+    False
+    """
+    ch = ent.change
+    if z <= 0 or ch.get(CPU_FEATURE, 0.0) >= z / 2:
+        return False
+    share = EVIDENCE_SHARE * sum(evidence.values())
+    bar = z / 4 if recent else z / 2
+    waits = any(evidence.get(f, 0.0) >= share and ch.get(f, 0.0) >= bar for f in WAIT_FEATURES)
+    return waits and not any(w >= share and ch.get(f, 0.0) >= z / 2 for f, w in evidence.items()
+                             if f not in WAIT_FEATURES and not _latency(f))
+
+
+def is_culprit(ent: EntityState, z: float) -> bool:
+    """``ent`` has an incident of its own open and its CPU use rose at least ``z`` spreads."""
+    return z > 0 and ent.incident is not None and ent.change.get(CPU_FEATURE, 0.0) >= z
+
+
+def culprit_of(victim: EntityState, peers: Iterable[EntityState], z: float, since: float) -> EntityState | None:
+    """The peer (reporting at or after ``since``) whose CPU use rose most, among the culprits."""
+    found = [p for p in peers if p is not victim and p.last_ts >= since and is_culprit(p, z)]
+    return max(found, key=lambda p: (p.change.get(CPU_FEATURE, 0.0), p.entity_id)) if found else None
+
+
+def evidence_of_pending(ent: EntityState) -> dict[str, float]:
+    """The summed weights of ``ent``'s pending windows over threshold (what its incident would open with)."""
+    out: dict[str, float] = {}
+    for st in ent.streams.values():
+        for ev in st.pending:
+            for f, w in ev.weights.items():
+                out[f] = out.get(f, 0.0) + w
+    return out
