@@ -5,12 +5,13 @@
  * A syscall counts when it returns (exit/exit_group never do). Failed = returned -4095..-1.
  * Bytes read/written = positive return values of the read and write families (OSAD_IS_READ /
  * OSAD_IS_WRITE, numbers for this architecture, defined by syscalls.py), on any file descriptor.
- * By class: the call's number, through the table sc_class, picks one of eight counters.
+ * By class: the call's number, through the table sc_class, picks one of eight counters; a call whose
+ * entry was not seen (the collector started during it) counts as "other". There is no total counter:
+ * syscalls.py sums the classes (one atomic add fewer per system call).
  */
 struct sc_stats {
     u32 tgid;
     u32 _pad;
-    u64 syscalls;
     u64 syscalls_failed;
     u64 syscall_time_ns;
     u64 read_bytes;
@@ -64,10 +65,10 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     struct sc_stats *st = osad_stats(id);
     if (!st)
         return 0;
-    __sync_fetch_and_add(&st->syscalls, 1);
     if (ret < 0 && ret >= -4095)
         __sync_fetch_and_add(&st->syscalls_failed, 1);
     u32 tid = (u32)id;
+    u32 k = 0;  /* the call's class */
     struct inflight_t *f = inflight.lookup(&tid);
     if (f && f->ts) {
         u64 now = bpf_ktime_get_ns();
@@ -84,12 +85,15 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 #endif
         /* the class of the call (its number from the entry; the exit's own id is the same) */
         s64 nr = f->nr;
-        u32 idx = (nr >= 0 && nr < 512) ? (u32)nr : 0;
-        u8 *c = sc_class.lookup(&idx);
-        u32 k = (c && nr >= 0 && nr < 512) ? (*c & 7) : 0;
-        __sync_fetch_and_add(&st->syscalls_other + k, 1);
+        if (nr >= 0 && nr < 512) {
+            u32 idx = (u32)nr;
+            u8 *c = sc_class.lookup(&idx);
+            if (c)
+                k = *c & 7;
+        }
         f->ts = 0;
     }
+    __sync_fetch_and_add(&st->syscalls_other + k, 1);
     return 0;
 }
 

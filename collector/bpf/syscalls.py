@@ -94,6 +94,12 @@ class Syscalls(Family):
         # Where this architecture's numbers are not known, bytes read/written are absent.
         self.counters = base + (("read_bytes", "write_bytes") if self.io else ()) + CLASS_COUNTERS
 
+    def counters_of(self, v) -> dict[str, int]:
+        """The counters of one stats value; ``syscalls`` is the sum of the classes (the kernel keeps no total)."""
+        out = {name: int(getattr(v, name)) for name in self.counters if name != "syscalls"}
+        out["syscalls"] = sum(out[c] for c in CLASS_COUNTERS)
+        return out
+
     def attach(self) -> None:
         """Fill the kernel's syscall-number -> class table (until then every call counts as "other")."""
         import ctypes as ct
