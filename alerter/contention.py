@@ -8,7 +8,8 @@ not carry, so every Score carries its window's levels (``Score.levels``: the mea
 ``gap`` scaled samples per feature) and each entity learns every feature's usual level and spread
 from its windows under threshold (:func:`measure`; exponentially weighted, one window weighing
 ``LEVEL_ALPHA``, not while an incident of the entity or its host is open, so a fault is never
-learnt as usual). A window's *change* in a feature is its level minus the usual one, in spreads
+learnt as usual; a deviation is clipped to ``HUBER_K`` spreads before it is learnt, so a step under
+the threshold moves level and spread slowly). A window's *change* in a feature is its level minus the usual one, in spreads
 (a spread is never taken below ``SPREAD_FLOOR``, a twentieth of the featurizer's calibration range).
 
 With ``z = contention_z`` (AlerterConfig), an entity due to open an incident is
@@ -22,7 +23,8 @@ With ``z = contention_z`` (AlerterConfig), an entity due to open an incident is
 
 A victim joins its culprit's incident (listed in the culprit's ``affected``, opening none of its
 own); without a culprit, two victims or more at once make a host event (contention from outside
-the watched processes, e.g. an unwatched process or steal time); a lone victim opens nothing (it
+the watched processes, e.g. an unwatched process or steal time), unless a peer's CPU use rose as
+a culprit's does before its incident opened (the victims wait for it); a lone victim opens nothing (it
 is counted, ``victim_held``). A victim leaves its culprit as soon as it is no victim any more (its own
 fault starts: it then opens its own incident). A culprit's incident also names the neighbours it
 slows whose models did not cross their thresholds, those whose wait rose at least ``z`` (:func:`slowed`). This is the "culprit and victims" item of
@@ -49,6 +51,11 @@ LEVEL_ALPHA = 0.02
 LEVEL_MIN_WINDOWS = 20
 #: the smallest spread, in the featurizer's scaled units (its calibration range is 0..1)
 SPREAD_FLOOR = 0.05
+#: a culprit's CPU use rose this many times ``contention_z`` spreads (a hog's: 100 and more, seen live;
+#: every process's under contention from outside: up to 4)
+CULPRIT_FACTOR = 3.0
+#: once armed, a window's deviation is clipped to this many spreads before it is learnt
+HUBER_K = 3.0
 #: a feature holding at least this share of a victim's evidence must not have risen
 EVIDENCE_SHARE = 0.1
 
@@ -79,12 +86,16 @@ def measure(ent: EntityState, s: Score, learn: bool) -> None:
     if not learn:
         return
     a = max(LEVEL_ALPHA, 1.0 / (ent.level_n + 1))
+    armed = ent.level_n >= LEVEL_MIN_WINDOWS
     for f, x in zip(s.features, s.levels):
         m = mean.get(f)
         if m is None:
             mean[f], var[f] = x, 0.0
         else:
             d = x - m
+            if armed:  # Huber-like: a step (a fault under its threshold yet) moves mean and spread slowly
+                c = HUBER_K * max(math.sqrt(var[f]), SPREAD_FLOOR)
+                d = min(max(d, -c), c)
             mean[f], var[f] = m + a * d, (1 - a) * (var[f] + a * d * d)
     ent.level_n += 1
 
@@ -93,13 +104,22 @@ def _latency(feature: str) -> bool:
     return feature.endswith("_time_ns") or feature.endswith("_latency_mean_ns")
 
 
+def _wait(ent: EntityState) -> float:
+    return max((ent.change.get(f, 0.0) for f in WAIT_FEATURES), default=0.0)
+
+
+def _cpu_as_victim(ent: EntityState, z: float) -> bool:
+    """``ent``'s CPU use rose less than half a bar, or less than its wait did (contention costs CPU too:
+    caches shared with the hog make the same work take longer; seen live, up to 4 spreads)."""
+    cpu = ent.change.get(CPU_FEATURE, 0.0)
+    return cpu < CULPRIT_FACTOR * z and (cpu < z / 2 or cpu < _wait(ent))
+
+
 def slowed(ent: EntityState, z: float) -> bool:
-    """``ent``'s newest window waited for a CPU at least ``z`` spreads more than usual and its CPU use
-    rose less than ``z / 2`` (how a culprit's incident picks the neighbours it names without evidence
-    of theirs: their models may stay under their thresholds)."""
-    ch = ent.change
-    return (z > 0 and max((ch.get(f, 0.0) for f in WAIT_FEATURES), default=0.0) >= z
-            and ch.get(CPU_FEATURE, 0.0) < z / 2)
+    """``ent``'s newest window waited for a CPU at least ``z`` spreads more than usual, its CPU use not
+    as a culprit's (how a culprit's incident picks the neighbours it names without evidence of theirs:
+    their models may stay under their thresholds)."""
+    return z > 0 and _wait(ent) >= z and _cpu_as_victim(ent, z)
 
 
 def is_victim(ent: EntityState, evidence: dict[str, float], z: float, recent: bool = False) -> bool:
@@ -120,23 +140,27 @@ def is_victim(ent: EntityState, evidence: dict[str, float], z: float, recent: bo
     False
     """
     ch = ent.change
-    if z <= 0 or ch.get(CPU_FEATURE, 0.0) >= z / 2:
+    if z <= 0 or not _cpu_as_victim(ent, z):
         return False
     share = EVIDENCE_SHARE * sum(evidence.values())
     bar = z / 4 if recent else z / 2
     waits = any(evidence.get(f, 0.0) >= share and ch.get(f, 0.0) >= bar for f in WAIT_FEATURES)
     return waits and not any(w >= share and ch.get(f, 0.0) >= z / 2 for f, w in evidence.items()
-                             if f not in WAIT_FEATURES and not _latency(f))
+                             if f not in WAIT_FEATURES and f != CPU_FEATURE and not _latency(f))
 
 
-def is_culprit(ent: EntityState, z: float) -> bool:
-    """``ent`` has an incident of its own open and its CPU use rose at least ``z`` spreads."""
-    return z > 0 and ent.incident is not None and ent.change.get(CPU_FEATURE, 0.0) >= z
+def is_culprit(ent: EntityState, z: float, forming: bool = False) -> bool:
+    """``ent``'s CPU use rose at least ``CULPRIT_FACTOR * z`` spreads and it has an incident of its own
+    open (or, with ``forming``, may have one soon)."""
+    return (z > 0 and (forming or ent.incident is not None)
+            and ent.change.get(CPU_FEATURE, 0.0) >= CULPRIT_FACTOR * z)
 
 
-def culprit_of(victim: EntityState, peers: Iterable[EntityState], z: float, since: float) -> EntityState | None:
-    """The peer (reporting at or after ``since``) whose CPU use rose most, among the culprits."""
-    found = [p for p in peers if p is not victim and p.last_ts >= since and is_culprit(p, z)]
+def culprit_of(victim: EntityState, peers: Iterable[EntityState], z: float, since: float,
+               forming: bool = False) -> EntityState | None:
+    """The peer (reporting at or after ``since``) whose CPU use rose most, among the culprits (with
+    ``forming``, also those whose incident has not opened yet: a victim waits for it)."""
+    found = [p for p in peers if p is not victim and p.last_ts >= since and is_culprit(p, z, forming)]
     return max(found, key=lambda p: (p.change.get(CPU_FEATURE, 0.0), p.entity_id)) if found else None
 
 

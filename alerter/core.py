@@ -195,6 +195,9 @@ class Engine:
             for st in ent.streams.values():
                 st.pending = st.pending[-1:]  # the newest window judges the next one
             return []
+        if contention.culprit_of(ent, mem.peers(ent.ref["host"]), z, since, forming=True) is not None:
+            self.counters["victim_held"] += 1  # a peer's CPU use rose: its incident is about to open
+            return []
         if hs is not None:
             if hs.incident is not None:
                 return self.host_events.fold(hs, [ent], s)

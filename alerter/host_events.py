@@ -23,6 +23,7 @@ from typing import Mapping
 
 from osad.schemas import Anomaly, Score
 
+from . import contention
 from .config import AlerterConfig
 from .incidents import add_evidence, changed, new_incident, publish, should_close
 from .state import EntityState, Evidence, HostState, Incident, Memory
@@ -91,7 +92,7 @@ class HostEvents:
         """
         cfg = self.cfg
         view = self._view(ent, s)
-        if view is None:
+        if view is None or self._runs_more(ent):
             return None
         w, since, mine, lead = view
         if hs.incident is not None:
@@ -105,12 +106,17 @@ class HostEvents:
         together = [p for p in active if p is ent or (p.last_over_ts >= since - w and
                                                       _cosine(_profile(p, since - w), mine) >= cfg.host_similarity)]
         if len(together) >= need:
-            return [p for p in together if p.incident is None]
+            return [p for p in together if p.incident is None and not self._runs_more(p)]
         shared = [p for p in active if _leads(p, lead, since - w)]
         usual = sum(_usual_lead(p, lead) for p in active)
         if ent in shared and len(shared) >= need and len(shared) >= cfg.host_lift * usual:
-            return [p for p in shared if p.incident is None]
+            return [p for p in shared if p.incident is None and not self._runs_more(p)]
         return None
+
+    def _runs_more(self, ent: EntityState) -> bool:
+        """``ent``'s CPU use rose as a culprit's does (osad.alerter.contention): never part of a host event,
+        even when its profile is like the event's (contention led by ``on_cpu_ns``, which fell in the others)."""
+        return contention.is_culprit(ent, self.cfg.contention_z, forming=True)
 
     def stirs(self, ent: EntityState, hs: HostState, s: Score) -> bool:
         """Whether ``ent``, due to open an incident of its own, should wait (up to ``host_hold`` windows)
@@ -123,7 +129,7 @@ class HostEvents:
         if hs.incident is not None:
             return False
         view = self._view(ent, s)
-        if view is None:
+        if view is None or self._runs_more(ent):
             return False
         w, since, mine, lead = view
         cfg, since = self.cfg, since - w

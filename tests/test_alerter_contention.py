@@ -133,3 +133,14 @@ def test_a_victim_whose_own_fault_starts_leaves_its_culprit_and_opens_its_own_in
     opened = [a for a in out if a.status == "open"]
     assert [a.pid for a in opened] == [2] and eng.entities["h/2@7"].affected_by is None
     assert opened[0].root_causes[0].feature in ("on_cpu_ns", "syscalls")
+
+
+def test_victims_that_cross_before_their_culprit_wait_for_its_incident():
+    """The hog's own threshold is higher: its neighbours cross first. They make no host event meanwhile."""
+    eng = calibrated([1, 2, 3])
+    late_hog = (0.9, (0.7, 0.2, 0.1, 0, 0, 0), HOG[2])  # CPU already up, still under its threshold
+    out = run(eng, range(CALIB, CALIB + 4), lambda p, t: late_hog if p == 1 else VICTIM, [1, 2, 3])
+    assert out == [] and eng.counters["victim_held"] >= 2
+    out = run(eng, range(CALIB + 4, CALIB + 8), lambda p, t: HOG if p == 1 else VICTIM, [1, 2, 3])
+    assert [(a.pid, a.scope) for a in out if a.status == "open"] == [(1, "entity")]
+    assert sorted(max(out, key=lambda a: a.revision).affected) == ["h/2@7", "h/3@7"]
