@@ -105,22 +105,31 @@ def test_malformed_messages_go_to_dead_letter_and_processing_goes_on(broker, top
 
 
 def test_sigterm_mid_stream_then_restart_loses_no_window(broker, topic_prefix, tmp_path, datasets_dir):
+    """SIGTERM while Samples are still arriving (the replay still publishing, by construction, not by timing:
+    the second half is replayed at 100 rows/s, 15 s, and the stop comes at its first window), then a new
+    featurizer: every expected window is published."""
     smd = datasets_dir / "SMD"
     ranges = write_ranges(tmp_path, smd, "machine-1-6")  # the entity with 3000 test rows in the repository's slice
-    n = 3000
+    n, half = 3000, 1500
     first = load_entity(smd, "machine-1-6", with_test=False).train.shape[0]
     exp = set(expected_ends(n, first))
     f1, port = featurizer(tmp_path, broker, "f1", ranges=ranges)
-    rp = replay(tmp_path, broker, smd, "--entity", "machine-1-6", "--split", "test", "--limit", str(n),
-                "--rate", "400")
+    wait_until(lambda: (health(port) or {}).get("status") == "ok", 60, what="featurizer healthy")
+    replay(tmp_path, broker, smd, "--entity", "machine-1-6", "--split", "test", "--limit", str(half),
+           name="replay1").run_to_end(120)
     reader = TopicReader(broker.bootstrap, SIGNATURES, prefix=topic_prefix)
-    reader.read_until(lambda r: len(r) >= 30, 120, "the first windows")
+    head = {e for e in exp if e < first + half}
+    reader.read_until(lambda r: {w.window_end_seq for w in reader.messages()} >= head, 120, "the first half's windows")
+    rp = replay(tmp_path, broker, smd, "--entity", "machine-1-6", "--split", "test", "--skip", str(half),
+                "--limit", str(n - half), "--rate", "100", name="replay2")
+    reader.read_until(lambda r: any(w.window_end_seq >= first + half for w in reader.messages()), 60,
+                      "a window of the second half")
+    assert rp.p.poll() is None, "the replay had already ended: not a mid-stream stop"
     assert f1.terminate() == 0, f1.text()[-2000:]
     assert "stopped cleanly" in f1.text()
-    got_before = {w.window_end_seq for w in reader.messages()}
-    assert len(got_before) < len(exp), "the stream had already ended: not a mid-stream stop"
-    f2, _ = featurizer(tmp_path, broker, "f2", ranges=ranges)
+    f2, port2 = featurizer(tmp_path, broker, "f2", ranges=ranges)
     try:
+        wait_until(lambda: (health(port2) or {}).get("status") == "ok", 60, what="the second featurizer healthy")
         rp.run_to_end(180)
         reader.read_until(lambda r: {w.window_end_seq for w in reader.messages()} >= exp, 180,
                           "every expected window after the restart")
