@@ -13,7 +13,10 @@ Reported (medians over the rounds):
     the context of the task that hits the tracepoint, so their cost shows up here);
   * the event rate the collector handled: BPF program runs counted in its kernel maps
     (every tracepoint hit, on every CPU, all processes) per second of workload;
-  * the collector's own CPU use (its drains, Sample building and output), in % of one CPU.
+  * the collector's own CPU use (its drains, Sample building and output), in % of one CPU;
+  * in one extra round (where /proc/sys/kernel/bpf_stats_enabled can be written): the kernel's own
+    accounting of the BPF programs' run time, as a share of the workload's CPU time: the in-kernel
+    cost without the rounds' noise (it leaves out the tracepoints' dispatch and cache effects).
 
 Run as root (bcc needs it):  .venv/bin/python bench/collector_overhead.py --nice -10
 (--work 3000 --messages 30000 gives a much denser event stream, near 1M events/s.)
@@ -136,6 +139,22 @@ def run_workload(binary: str, a, collector=None) -> tuple[float, float]:
     return out["t1"] - t0, out["ru"].ru_utime + out["ru"].ru_stime
 
 
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def bpf_run_time(col) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) summed over every BPF program the collector loaded, from the kernel's own
+    accounting (/proc/self/fdinfo of each program; counts only while bpf_stats_enabled is 1)."""
+    ns = cnt = 0
+    for fam in getattr(col.backend, "families", []):
+        for fn in fam.bpf.funcs.values():
+            info = dict(ln.split(":", 1) for ln in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines()
+                        if ":" in ln)
+            ns += int(info.get("run_time_ns", 0))
+            cnt += int(info.get("run_cnt", 0))
+    return ns, cnt
+
+
 def own_cpu() -> float:
     t = os.times()
     return t.user + t.system
@@ -202,6 +221,23 @@ def main() -> int:
         print(f"round {i // 2 + 1} {mode:3s}: wall {w:.3f} s, workload CPU {c:.3f} s"
               + (f", {rates[-1]:,.0f} events/s, collector CPU {100 * own[-1]:.2f}%" if mode == "on" else ""),
               file=sys.stderr)
+    # one more round, not timed against the baseline: the kernel's accounting of the BPF programs' own run time
+    # (bpf_stats adds two clock reads per run, so this slightly overstates it)
+    bpf = None
+    if BPF_STATS.exists() and os.access(BPF_STATS, os.W_OK):
+        col = Collector(CollectorConfig(max_processes=100, require_ebpf=True, heap=a.heap), TargetSpec(all=True),
+                        sink=JsonlSink(str(tmp / "samples-stats.jsonl"))).start()
+        before = BPF_STATS.read_text().strip()
+        try:
+            BPF_STATS.write_text("1")
+            col.collect_once()
+            ns0, n0 = bpf_run_time(col)
+            w, c = run_workload(binary, a, col)
+            ns1, n1 = bpf_run_time(col)
+        finally:
+            BPF_STATS.write_text(before)
+            col.close()
+        bpf = (ns1 - ns0, n1 - n0, c)
     med = statistics.median
     print(f"workload: {a.pairs} ping-pong pairs x {a.messages} messages, {a.work} work iterations and "
           f"{a.syscalls} getppid and {a.mallocs} malloc/free per message, nice {a.nice}; collector "
@@ -214,6 +250,10 @@ def main() -> int:
           f"slowdown ratio {med(with_cpu) / med(base_cpu):.4f} (medians)")
     print(f"event rate  {med(rates):,.0f} events/s handled in kernel maps (median over rounds)")
     print(f"collector   {100 * med(own):.2f}% of one CPU (drains every 1 s, --all, top 100 to JSONL)")
+    if bpf:
+        ns, n, c = bpf
+        print(f"BPF time    {ns / 1e6:.1f} ms in {n:,} program runs ({ns / max(n, 1):.0f} ns each) = "
+              f"{100 * ns / 1e9 / c:.2f}% of the workload's CPU time (kernel bpf_stats, one extra round)")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
