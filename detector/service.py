@@ -20,6 +20,7 @@ partitions (their new owner exports them).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +32,8 @@ from osad.schemas import SCORES, SIGNATURES, SignatureWindow
 
 from .base import Scorer
 from .engine import Engine
+
+log = logging.getLogger("osad.detector")
 
 
 @dataclass(frozen=True)
@@ -239,7 +242,13 @@ class Detector(Transform):
         return self._score(chunk) if chunk else ()
 
     def _score(self, chunk) -> list[Output]:
-        scores = self.engine.score([w for w, _, _ in chunk])
+        try:
+            scores = self.engine.score([w for w, _, _ in chunk])
+            dead: list[Output] = []
+        except Exception:  # noqa: BLE001 - a bug or a window the models cannot take: the service goes on
+            log.warning("detector: scoring a batch of %d windows failed; scoring them one by one", len(chunk),
+                        exc_info=True)
+            scores, dead = self._score_one_by_one(chunk)
         calibrating = set(self.engine.calibrating)
         for w, meta, _ in chunk:  # where each calibrating entity's first buffered window is (retained)
             if w.entity_id in calibrating:
@@ -252,4 +261,18 @@ class Detector(Transform):
             for s in scores:
                 hist.labels(model_family(s.model_id)).observe(s.score)
             self._m["entities"].set(len(self.series))
-        return [Output(SCORES, s) for s in scores]
+        return [Output(SCORES, s) for s in scores] + dead
+
+    def _score_one_by_one(self, chunk) -> tuple[list, list[Output]]:
+        """The Scores of the windows of ``chunk`` that score alone, and the others as dead letters (the runner
+        publishes them to the dead-letter topic with the reason: scoring ran in ``tick``, where an exception
+        would stop the service, or in a batch whose raw messages are gone)."""
+        scores, dead = [], []
+        for w, meta, _ in chunk:
+            try:
+                scores += self.engine.score([w])
+            except Exception as e:  # noqa: BLE001
+                log.exception("detector: scoring the window of %s ending at seq %d failed", w.entity_id,
+                              w.window_end_seq)
+                dead.append(Output(SCORES, w, key=w.entity_id, dead=(meta, f"scoring failed: {type(e).__name__}: {e}")))
+        return scores, dead

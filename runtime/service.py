@@ -29,7 +29,7 @@ from typing import Iterable
 
 from pydantic import BaseModel
 
-from osad.schemas import DEADLETTER, Topic, WireError, decode
+from osad.schemas import DEADLETTER, Topic, WireError, decode, encode
 
 from .config import KafkaConfig, KafkaSecurity, ServiceConfig, setup_logging
 from .http import StatusServer
@@ -41,9 +41,14 @@ log = logging.getLogger("osad.runtime")
 
 @dataclass(frozen=True)
 class Output:
+    """A message a transform publishes. With ``dead`` = (where it came from, why), ``msg`` is an input the
+    transform could not handle after all (e.g. a window that failed in a batch scored from ``tick``): the
+    runner dead-letters it, its JSON as the value, with the usual headers (``topic`` is then unused)."""
+
     topic: Topic
     msg: BaseModel
     key: str | None = None
+    dead: "tuple[InputMeta, str] | None" = None
 
 
 @dataclass(frozen=True)
@@ -314,29 +319,39 @@ class ServiceRunner:
 
     def _emit(self, outs: Iterable[Output]) -> None:
         for o in outs:
+            if o.dead is not None:
+                meta, reason = o.dead
+                self.metrics.errors.labels(kind="process").inc()
+                self._dead_letter_raw(meta.topic, meta.partition, meta.offset, o.key.encode() if o.key else None,
+                                      encode(o.msg), reason)
+                continue
             self.publisher.publish(o.topic, o.msg, key=o.key)
             self.metrics.messages_out.labels(topic=o.topic.name).inc()
 
     def _dead_letter(self, tp, m, reason: str) -> None:
-        log.warning("%s: dead-lettering %s[%d]@%d: %s", self.t.name, tp.topic, tp.partition, m.offset, reason)
+        self._dead_letter_raw(tp.topic, tp.partition, m.offset, m.key, m.value, reason)
+
+    def _dead_letter_raw(self, topic_name: str, partition: int, offset: int, key, value: bytes, reason: str) -> None:
+        """Publish ``value`` (what came from ``topic_name[partition]@offset``) to the dead-letter topic."""
+        log.warning("%s: dead-lettering %s[%d]@%d: %s", self.t.name, topic_name, partition, offset, reason)
         headers = [
             ("osad.reason", reason.encode()[:4096]),
-            ("osad.source_topic", tp.topic.encode()),
-            ("osad.source_partition", str(tp.partition).encode()),
-            ("osad.source_offset", str(m.offset).encode()),
+            ("osad.source_topic", topic_name.encode()),
+            ("osad.source_partition", str(partition).encode()),
+            ("osad.source_offset", str(offset).encode()),
             ("osad.service", self.t.name.encode()),
         ]
         topic = DEADLETTER.full_name(self.cfg.topic_prefix)
         from kafka.errors import MessageSizeTooLargeError
 
         try:
-            self.publisher.publish_raw(topic, m.key, m.value, headers=headers)
+            self.publisher.publish_raw(topic, key, value, headers=headers)
         except MessageSizeTooLargeError:
             # the original (near or over the size limit) does not fit beside the headers: keep its start and say so
             log.warning("%s: %s[%d]@%d is too large to dead-letter whole (%d bytes); keeping its first %d bytes",
-                        self.t.name, tp.topic, tp.partition, m.offset, len(m.value), DEAD_LETTER_KEEP_BYTES)
-            headers.append(("osad.truncated_from", str(len(m.value)).encode()))
-            self.publisher.publish_raw(topic, m.key, m.value[:DEAD_LETTER_KEEP_BYTES], headers=headers)
+                        self.t.name, topic_name, partition, offset, len(value), DEAD_LETTER_KEEP_BYTES)
+            headers.append(("osad.truncated_from", str(len(value)).encode()))
+            self.publisher.publish_raw(topic, key, value[:DEAD_LETTER_KEEP_BYTES], headers=headers)
         self.metrics.dead_letters.inc()
 
     # -- offsets -----------------------------------------------------------------------------

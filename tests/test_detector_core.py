@@ -81,3 +81,37 @@ def test_queued_windows_set_the_runners_poll_deadline():
     assert [o.msg.window_end_seq for o in det.tick(0.0)] == [w[0].window_end_seq]
     assert det.next_deadline() is None
     assert doctest.testmod(runtime_service).failed == 0
+
+
+def _failing_for(det, entity):
+    """Make ``det``'s engine fail on any batch that holds a window of ``entity`` (a stand-in for a bug or a
+    window a model cannot take)."""
+    score = det.engine.score
+
+    def failing(ws):
+        if any(w.entity_id == entity for w in ws):
+            raise FloatingPointError(f"cannot score {entity}")
+        return score(ws)
+    det.engine.score = failing
+
+
+def test_a_window_that_fails_to_score_in_tick_is_dead_lettered_and_the_others_are_scored():
+    """Windows queued for a batch are scored from tick(), where an exception would stop the service: the
+    batch is scored one window at a time instead, and the one that fails comes back as a dead letter."""
+    now = [0.0]
+    det = Detector(Engine(CSScorer(gap=5, max_iter=50), EngineConfig(cs_calibrate=0)),
+                   BatchConfig(max_batch=64, max_wait_ms=10.0), clock=lambda: now[0])
+    _failing_for(det, "bad")
+    rng = np.random.default_rng(3)
+    good = windows(0.5 + 0.1 * rng.normal(size=(80, 4)), entity="good")[:3]
+    bad = windows(0.5 + 0.1 * rng.normal(size=(80, 4)), entity="bad")[:1]
+    batch = [(w, InputMeta("t", 1, i)) for i, w in enumerate(good[:2] + bad + good[2:])]
+    assert det.process_batch(batch) == []  # queued
+    now[0] += 1.0
+    outs = list(det.tick(0.0))
+    scored = [o for o in outs if o.dead is None]
+    dead = [o for o in outs if o.dead is not None]
+    assert sorted(o.msg.window_end_seq for o in scored) == sorted(w.window_end_seq for w in good)
+    assert [(o.msg.entity_id, o.key, o.dead[0].offset) for o in dead] == [("bad", "bad", 2)]
+    assert dead[0].dead[1] == "scoring failed: FloatingPointError: cannot score bad"
+    assert det.pending == []  # nothing left behind to fail again

@@ -60,3 +60,53 @@ def test_runner_rejoins_after_the_group_dropped_it_and_commits_everything(broker
         runner._stop.set()
         th.join(30)
     assert not th.is_alive()
+
+
+def test_a_window_the_detector_cannot_score_goes_to_the_dead_letter_topic_and_the_service_goes_on(broker,
+                                                                                                  topic_prefix):
+    """The runner publishes a transform's dead-letter outputs (here: a window whose scoring fails in a batch
+    scored from tick) with the usual headers, and keeps running; the other windows are scored."""
+    import numpy as np
+
+    from osad.detector.cs import CSScorer
+    from osad.detector.engine import Engine, EngineConfig
+    from osad.detector.service import BatchConfig, Detector
+    from osad.runtime.kafka import Publisher, ensure_topics
+    from osad.schemas import DEADLETTER, SIGNATURES, SignatureWindow
+    from tests.kafkautil import TopicReader
+    from tests.test_detector_core import _failing_for, windows
+
+    ensure_topics(broker.bootstrap, prefix=topic_prefix)
+    rng = np.random.default_rng(4)
+    good = windows(0.5 + 0.1 * rng.normal(size=(90, 4)), entity="good")
+    bad = windows(0.5 + 0.1 * rng.normal(size=(70, 4)), entity="bad")[:1]
+    pub = Publisher(broker.bootstrap, "t", prefix=topic_prefix)
+    for w in good[:3] + bad + good[3:]:
+        pub.publish(SIGNATURES, w, key=w.entity_id)
+    pub.flush()
+    det = Detector(Engine(CSScorer(gap=5, max_iter=50), EngineConfig(cs_calibrate=0)),
+                   BatchConfig(max_batch=64, max_wait_ms=50.0))
+    _failing_for(det, "bad")
+    cfg = RunnerConfig(bootstrap=broker.bootstrap, group=f"{topic_prefix}det", topic_prefix=topic_prefix,
+                       commit_interval_s=0.2)
+    runner = ServiceRunner(det, cfg, install_signals=False)
+    th = threading.Thread(target=runner.run, daemon=True)
+    th.start()
+    try:
+        scores = TopicReader(broker.bootstrap, SCORES, prefix=topic_prefix)
+        scores.read_until(lambda r: len(r) >= len(good), 120, "the good windows' scores")
+        assert sorted(s.window_end_seq for s in scores.messages()) == sorted(w.window_end_seq for w in good)
+        dl = TopicReader(broker.bootstrap, DEADLETTER, prefix=topic_prefix, model=None)
+        dl.read_until(lambda r: len(r) >= 1, 60, "the failed window on the dead-letter topic")
+        rec = dl.records[0]
+        headers = dict(rec.headers)
+        assert headers["osad.reason"] == b"scoring failed: FloatingPointError: cannot score bad"
+        assert headers["osad.source_topic"].decode() == SIGNATURES.full_name(topic_prefix)
+        assert headers["osad.service"] == b"detector" and rec.key == b"bad"
+        from osad.schemas import decode
+        assert decode(rec.value, SignatureWindow).entity_id == "bad"
+        assert th.is_alive(), "the service loop must keep running"
+    finally:
+        runner._stop.set()
+        th.join(30)
+    assert not th.is_alive()
