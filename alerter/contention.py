@@ -35,11 +35,12 @@ its one setting chosen without labels (docs/evaluation.md).
 from __future__ import annotations
 
 import math
+from array import array
 from typing import Iterable
 
 from osad.schemas import Score
 
-from .state import EntityState
+from .state import EntityState, feature_index, shared_features
 
 #: the process's own CPU use: a culprit's rises, a victim's does not
 CPU_FEATURE = "on_cpu_ns"
@@ -63,7 +64,8 @@ EVIDENCE_SHARE = 0.1
 def measure(ent: EntityState, s: Score, learn: bool) -> None:
     """The newest window's change from ``ent``'s usual levels (``ent.change``, empty until
     ``LEVEL_MIN_WINDOWS`` were learnt); with ``learn`` the window then adds to the usual levels.
-    Each window counts once, whichever of its models' Scores comes first.
+    Each window counts once, whichever of its models' Scores comes first; a Score whose features differ
+    from those learnt starts the learning over.
 
     >>> ent = EntityState("h/1@2")
     >>> def s(seq, level):
@@ -71,33 +73,51 @@ def measure(ent: EntityState, s: Score, learn: bool) -> None:
     ...                  gap=1, model_id="m", score=1.0, features=["a"], contributions=[1.0], levels=[level])
     >>> for i in range(LEVEL_MIN_WINDOWS):
     ...     measure(ent, s(i, 0.5 + 0.1 * (i % 2)), learn=True)
-    >>> measure(ent, s(20, 1.1), learn=False); ent.change
-    {'a': 11.0}
+    >>> measure(ent, s(20, 1.1), learn=False); round(change_of(ent, "a"), 3)
+    11.0
     """
     if s.levels is None or s.window_end_seq <= ent.level_seq:
         return
     ent.level_seq = s.window_end_seq
+    if len(s.levels) != len(ent.level_features) or tuple(s.features) != ent.level_features:
+        ent.level_features = shared_features(s.features)
+        ent.level_mean, ent.level_var, ent.level_n = array("d", s.levels), array("d", [0.0] * len(s.levels)), 0
+        ent.change = array("d")
+        if learn:
+            ent.level_n = 1
+        return
     mean, var = ent.level_mean, ent.level_var
     if ent.level_n >= LEVEL_MIN_WINDOWS:
-        ent.change = {f: round((x - mean[f]) / max(math.sqrt(var[f]), SPREAD_FLOOR), 3)
-                      for f, x in zip(s.features, s.levels) if f in mean}
+        ent.change = array("d", [round((x - m) / max(math.sqrt(v), SPREAD_FLOOR), 3)
+                                 for x, m, v in zip(s.levels, mean, var)])
     else:
-        ent.change = {}
+        ent.change = array("d")
     if not learn:
         return
     a = max(LEVEL_ALPHA, 1.0 / (ent.level_n + 1))
     armed = ent.level_n >= LEVEL_MIN_WINDOWS
-    for f, x in zip(s.features, s.levels):
-        m = mean.get(f)
-        if m is None:
-            mean[f], var[f] = x, 0.0
-        else:
-            d = x - m
-            if armed:  # Huber-like: a step (a fault under its threshold yet) moves mean and spread slowly
-                c = HUBER_K * max(math.sqrt(var[f]), SPREAD_FLOOR)
-                d = min(max(d, -c), c)
-            mean[f], var[f] = m + a * d, (1 - a) * (var[f] + a * d * d)
+    for i, x in enumerate(s.levels):
+        d = x - mean[i]
+        if armed:  # Huber-like: a step (a fault under its threshold yet) moves mean and spread slowly
+            c = HUBER_K * max(math.sqrt(var[i]), SPREAD_FLOOR)
+            d = min(max(d, -c), c)
+        mean[i], var[i] = mean[i] + a * d, (1 - a) * (var[i] + a * d * d)
     ent.level_n += 1
+
+
+def change_of(ent: EntityState, feature: str) -> float:
+    """``ent``'s newest window's change in ``feature``, in spreads (0 when not measured)."""
+    if not ent.change:
+        return 0.0
+    i = feature_index(ent.level_features).get(feature)
+    return ent.change[i] if i is not None else 0.0
+
+
+def with_changes(ent: EntityState, changes: dict[str, float]) -> EntityState:
+    """``ent`` with these changes as its newest window's (for examples and tests)."""
+    ent.level_features = shared_features(changes)
+    ent.change = array("d", changes.values())
+    return ent
 
 
 def _latency(feature: str) -> bool:
@@ -105,13 +125,13 @@ def _latency(feature: str) -> bool:
 
 
 def _wait(ent: EntityState) -> float:
-    return max((ent.change.get(f, 0.0) for f in WAIT_FEATURES), default=0.0)
+    return max((change_of(ent, f) for f in WAIT_FEATURES), default=0.0)
 
 
 def _cpu_as_victim(ent: EntityState, z: float) -> bool:
     """``ent``'s CPU use rose less than half a bar, or less than its wait did (contention costs CPU too:
     caches shared with the hog make the same work take longer; seen live, up to 4 spreads)."""
-    cpu = ent.change.get(CPU_FEATURE, 0.0)
+    cpu = change_of(ent, CPU_FEATURE)
     return cpu < CULPRIT_FACTOR * z and (cpu < z / 2 or cpu < _wait(ent))
 
 
@@ -129,23 +149,22 @@ def is_victim(ent: EntityState, evidence: dict[str, float], z: float, recent: bo
     within its last ``open_after`` windows, and stays one while its wait ebbs); and no other feature
     holding that share rose ``z / 2``, latencies aside (time in a call includes the wait for a CPU).
 
-    >>> ent = EntityState("h/1@2", change={"runq_wait_ns": 2.0, "on_cpu_ns": -0.5, "syscalls": -2.0})
-    >>> is_victim(ent, {"runq_wait_ns": 0.6, "syscalls": 0.4}, 3.0)
+    >>> ch = {"runq_wait_ns": 2.0, "on_cpu_ns": -0.5, "syscalls": -2.0}
+    >>> is_victim(with_changes(EntityState("h/1@2"), ch), {"runq_wait_ns": 0.6, "syscalls": 0.4}, 3.0)
     True
-    >>> ent.change["rss_anon_bytes"] = 4.0  # something of its own rose too: not only a victim
-    >>> is_victim(ent, {"runq_wait_ns": 0.5, "rss_anon_bytes": 0.5}, 3.0)
+    >>> ch["rss_anon_bytes"] = 4.0  # something of its own rose too: not only a victim
+    >>> is_victim(with_changes(EntityState("h/1@2"), ch), {"runq_wait_ns": 0.5, "rss_anon_bytes": 0.5}, 3.0)
     False
-    >>> ent.change["on_cpu_ns"] = 3.0  # it runs more: a culprit, not a victim
-    >>> is_victim(ent, {"runq_wait_ns": 1.0}, 3.0)
+    >>> ch["on_cpu_ns"] = 3.0  # it runs more: a culprit, not a victim
+    >>> is_victim(with_changes(EntityState("h/1@2"), ch), {"runq_wait_ns": 1.0}, 3.0)
     False
     """
-    ch = ent.change
     if z <= 0 or not _cpu_as_victim(ent, z):
         return False
     share = EVIDENCE_SHARE * sum(evidence.values())
     bar = z / 4 if recent else z / 2
-    waits = any(evidence.get(f, 0.0) >= share and ch.get(f, 0.0) >= bar for f in WAIT_FEATURES)
-    return waits and not any(w >= share and ch.get(f, 0.0) >= z / 2 for f, w in evidence.items()
+    waits = any(evidence.get(f, 0.0) >= share and change_of(ent, f) >= bar for f in WAIT_FEATURES)
+    return waits and not any(w >= share and change_of(ent, f) >= z / 2 for f, w in evidence.items()
                              if f not in WAIT_FEATURES and f != CPU_FEATURE and not _latency(f))
 
 
@@ -153,7 +172,7 @@ def is_culprit(ent: EntityState, z: float, forming: bool = False) -> bool:
     """``ent``'s CPU use rose at least ``CULPRIT_FACTOR * z`` spreads and it has an incident of its own
     open (or, with ``forming``, may have one soon)."""
     return (z > 0 and (forming or ent.incident is not None)
-            and ent.change.get(CPU_FEATURE, 0.0) >= CULPRIT_FACTOR * z)
+            and change_of(ent, CPU_FEATURE) >= CULPRIT_FACTOR * z)
 
 
 def culprit_of(victim: EntityState, peers: Iterable[EntityState], z: float, since: float,
@@ -161,7 +180,7 @@ def culprit_of(victim: EntityState, peers: Iterable[EntityState], z: float, sinc
     """The peer (reporting at or after ``since``) whose CPU use rose most, among the culprits (with
     ``forming``, also those whose incident has not opened yet: a victim waits for it)."""
     found = [p for p in peers if p is not victim and p.last_ts >= since and is_culprit(p, z, forming)]
-    return max(found, key=lambda p: (p.change.get(CPU_FEATURE, 0.0), p.entity_id)) if found else None
+    return max(found, key=lambda p: (change_of(p, CPU_FEATURE), p.entity_id)) if found else None
 
 
 def evidence_of_pending(ent: EntityState) -> dict[str, float]:

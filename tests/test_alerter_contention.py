@@ -110,16 +110,16 @@ def test_usual_levels_are_not_learnt_while_an_incident_is_open_and_survive_a_res
     eng = calibrated([1, 2])
     run(eng, range(CALIB, CALIB + 4), lambda p, t: HOG if p == 1 else VICTIM, [1, 2])
     hog = eng.entities["h/1@7"]
-    n, mean = hog.level_n, dict(hog.level_mean)
+    n, mean = hog.level_n, list(hog.level_mean)
     run(eng, range(CALIB + 4, CALIB + 30), lambda p, t: HOG if p == 1 else VICTIM, [1, 2])
-    assert hog.incident is not None and (hog.level_n, hog.level_mean) == (n, mean)
+    assert hog.incident is not None and (hog.level_n, list(hog.level_mean)) == (n, mean)
     # a restarted alerter (states from the store) keeps the victim with its culprit
     saved = {k: v for k, v in eng.take_dirty().items()}
     eng2 = Engine(eng.cfg, load=saved.get)
     out = run(eng2, range(CALIB + 30, CALIB + 33), lambda p, t: HOG if p == 1 else VICTIM, [1, 2])
     assert all(a.pid == 1 for a in out)
     assert eng2.entities["h/2@7"].affected_by == "h/1@7" and eng2.entities["h/1@7"].incident.affected == ["h/2@7"]
-    assert eng2.entities["h/1@7"].level_mean == mean
+    assert list(eng2.entities["h/1@7"].level_mean) == mean
 
 
 def test_a_victim_whose_own_fault_starts_leaves_its_culprit_and_opens_its_own_incident():
