@@ -1,35 +1,36 @@
 """Culprit and victims: one process's CPU use slows its neighbours; their deviations are its incident.
 
-When a process starts to spin, the processes sharing its CPUs wait longer for one: their run-queue
-wait and involuntary switches rise, their system calls take longer, they get less done. Their
-models see them deviate, yet nothing in them changed. Such a process is a *victim* of CPU
-contention. Telling it from a culprit needs the direction of each change, which contributions do
-not carry, so every Score carries its window's levels (``Score.levels``: the mean of the newest
-``gap`` scaled samples per feature) and each entity learns every feature's usual level and spread
-from its windows under threshold (:func:`measure`; exponentially weighted, one window weighing
-``LEVEL_ALPHA``, not while an incident of the entity or its host is open, so a fault is never
-learnt as usual; a deviation is clipped to ``HUBER_K`` spreads before it is learnt, so a step under
-the threshold moves level and spread slowly). A window's *change* in a feature is its level minus the usual one, in spreads
-(a spread is never taken below ``SPREAD_FLOOR``, a twentieth of the featurizer's calibration range).
+When a process starts to spin, the processes sharing its CPUs wait longer for one: their run-queue wait
+and involuntary switches rise, their system calls take longer, they get less done. Their models see them
+deviate, yet nothing in them changed. Such a process is a *victim* of CPU contention. Telling it from a
+culprit needs the direction of each change, which contributions do not carry, so every Score carries its
+window's levels (``Score.levels``: the mean of the newest ``gap`` scaled samples per feature) and each
+entity learns every feature's usual level and spread from its windows under threshold (:func:`measure`;
+exponentially weighted, one window weighing ``LEVEL_ALPHA``, not while an incident of the entity or its
+host is open, so a fault is never learnt as usual; a deviation is clipped to ``HUBER_K`` spreads before
+it is learnt, so a step under the threshold moves level and spread slowly). A window's *change* in a
+feature is its level minus the usual one, in spreads (a spread is never taken below ``SPREAD_FLOOR``, a
+twentieth of the featurizer's calibration range).
 
 With ``z = contention_z`` (AlerterConfig), an entity due to open an incident is
 
-* a **victim** (:func:`is_victim`) when its run-queue wait or involuntary switches hold a tenth of
-  its evidence and rose at least ``z / 2``, and nothing else it does rose as much: neither its CPU
-  use nor any feature that holds a tenth of its evidence, latencies aside (``*_time_ns``,
-  ``*_latency_mean_ns``: time inside a system call or function includes the wait for a CPU);
-* slowed by a **culprit** (:func:`culprit_of`): a process of the same host with an incident of its
-  own open whose CPU use rose at least ``z`` (the one that rose most).
+* a **victim** (:func:`is_victim`) when its run-queue wait or involuntary switches hold a tenth of its
+  evidence and rose at least ``z / 2``, its CPU use did not rise as a culprit's (less than ``z / 2`` or
+  than its wait), and no other feature that holds a tenth of its evidence rose ``z / 2``, latencies
+  aside (``*_time_ns``, ``*_latency_mean_ns``: time inside a system call or function includes the wait
+  for a CPU);
+* slowed by a **culprit** (:func:`culprit_of`): a process of the same host with an incident of its own
+  open whose CPU use rose at least ``CULPRIT_FACTOR * z`` (the one that rose most).
 
-A victim joins its culprit's incident (listed in the culprit's ``affected``, opening none of its
-own); without a culprit, two victims or more at once make a host event (contention from outside
-the watched processes, e.g. an unwatched process or steal time), unless a peer's CPU use rose as
-a culprit's does before its incident opened (the victims wait for it); a lone victim opens nothing (it
-is counted, ``victim_held``). A victim leaves its culprit as soon as it is no victim any more (its own
-fault starts: it then opens its own incident). A culprit's incident also names the neighbours it
-slows whose models did not cross their thresholds, those whose wait rose at least ``z`` (:func:`slowed`). This is the "culprit and victims" item of
-issue 13; the rule is physical (a process cannot make itself wait for a CPU without running more),
-its one setting chosen without labels (docs/evaluation.md).
+A victim joins its culprit's incident (listed in the culprit's ``affected``, opening none of its own);
+without a culprit, two victims or more at once make a host event (contention from outside the watched
+processes, e.g. an unwatched process or steal time), unless a peer's CPU use rose as a culprit's does
+before its incident opened (the victims wait for it); a lone victim opens nothing (it is counted,
+``victim_held``). A victim leaves its culprit as soon as it is no victim any more (its own fault starts:
+it then opens its own incident). A culprit's incident also names the neighbours it slows whose models
+did not cross their thresholds, those whose wait rose at least ``z`` (:func:`slowed`). This is the
+"culprit and victims" item of issue 13; the rule is physical (a process cannot make itself wait for a
+CPU without running more), its one setting chosen without labels (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def measure(ent: EntityState, s: Score, learn: bool) -> None:
     if s.levels is None or s.window_end_seq <= ent.level_seq:
         return
     ent.level_seq = s.window_end_seq
-    if len(s.levels) != len(ent.level_features) or tuple(s.features) != ent.level_features:
+    if tuple(s.features) != ent.level_features:
         ent.level_features = shared_features(s.features)
         ent.level_mean, ent.level_var, ent.level_n = array("d", s.levels), array("d", [0.0] * len(s.levels)), 0
         ent.change = array("d")
@@ -144,10 +145,11 @@ def slowed(ent: EntityState, z: float) -> bool:
 
 def is_victim(ent: EntityState, evidence: dict[str, float], z: float, recent: bool = False) -> bool:
     """Whether ``ent``'s deviation, ``evidence`` (feature -> weight of its windows over threshold), is that
-    of a victim of CPU contention: its CPU use rose less than ``z / 2`` spreads; a wait feature holding
-    ``EVIDENCE_SHARE`` of the evidence rose at least ``z / 2`` (``z / 4`` when ``recent``: it was a victim
-    within its last ``open_after`` windows, and stays one while its wait ebbs); and no other feature
-    holding that share rose ``z / 2``, latencies aside (time in a call includes the wait for a CPU).
+    of a victim of CPU contention: its CPU use did not rise as a culprit's (:func:`_cpu_as_victim`); a wait
+    feature holding ``EVIDENCE_SHARE`` of the evidence rose at least ``z / 2`` (``z / 4`` when ``recent``:
+    it was a victim within its last ``open_after`` windows, and stays one while its wait ebbs); and no
+    other feature holding that share rose ``z / 2``, latencies aside (time in a call includes the wait
+    for a CPU).
 
     >>> ch = {"runq_wait_ns": 2.0, "on_cpu_ns": -0.5, "syscalls": -2.0}
     >>> is_victim(with_changes(EntityState("h/1@2"), ch), {"runq_wait_ns": 0.6, "syscalls": 0.4}, 3.0)

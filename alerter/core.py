@@ -39,7 +39,7 @@ from osad.schemas import Anomaly, Score
 
 from . import contention
 from .config import AlerterConfig, parse_threshold_override
-from .host_events import HostEvents
+from .host_events import HostEvents, recent_since
 from .incidents import (SEVERITY_BOUNDS, add_evidence, anomaly_id_for, changed, evidence_of, open_incident,
                         publish_entity, severity_of, should_close)
 from .state import STATE_VERSION, EntityState, Evidence, HostState, Incident, Memory, Stream, host_key
@@ -165,14 +165,10 @@ class Engine:
         return out
 
     # -- culprit and victims (osad.alerter.contention) ------------------------------------------
-    def _since(self, s: Score) -> float:
-        """The start of ``s``'s entity's last ``open_after`` windows (half a window of slack)."""
-        return s.window_end_ts - (self.cfg.open_after - 0.5) * s.gap * s.interval_s
-
     def _victim(self, ent: EntityState, hs: HostState | None, s: Score) -> list[Anomaly] | None:
         """``ent`` (over threshold, no incident of its own, due to open one or in a host event) as a victim
         of CPU contention: the Anomalies to publish, or None when it is not one."""
-        mem, z, since = self.memory, self.cfg.contention_z, self._since(s)
+        mem, z, since = self.memory, self.cfg.contention_z, recent_since(self.cfg, s)
         recent = ent.victim_ts >= since - s.gap * s.interval_s
         joined = mem.entities.get(ent.affected_by) if ent.affected_by else None
         if joined is not None and (joined.incident is None or ent.entity_id not in joined.incident.affected):
@@ -210,7 +206,7 @@ class Engine:
 
     def _name_slowed(self, culprit: EntityState, inc: Incident, s: Score) -> None:
         """Add to the culprit's incident the neighbours its CPU use slows now (over threshold or not)."""
-        since = self._since(s)
+        since = recent_since(self.cfg, s)
         for p in self.memory.peers(culprit.ref["host"]):
             if (p is not culprit and p.last_ts >= since and p.incident is None and p.entity_id not in inc.affected
                     and contention.slowed(p, self.cfg.contention_z)):

@@ -146,7 +146,7 @@ class HostEvents:
         ``open_after`` windows, and ``ent``'s profile over them and its leading feature; None while
         ``ent`` has no profile."""
         w = s.gap * s.interval_s
-        since = s.window_end_ts - (self.cfg.open_after - 0.5) * w
+        since = recent_since(self.cfg, s)
         mine = _profile(ent, since)
         return (w, since, mine, _lead(mine)) if mine else None
 
@@ -230,6 +230,11 @@ class HostEvents:
                 "a common cause on the host (e.g. CPU contention) rather than one process's own behaviour")
         return publish(self.cfg, hs.key, {"host": hs.host}, inc, status, seq, lead, why, scope="host",
                        members=list(hs.members), first_window_seq=None)
+
+
+def recent_since(cfg: AlerterConfig, s: Score) -> float:
+    """The start of the last ``open_after`` windows of ``s``'s entity (half a window of slack)."""
+    return s.window_end_ts - (cfg.open_after - 0.5) * s.gap * s.interval_s
 
 
 def _usual_lead(ent: EntityState, feature: str) -> float:
