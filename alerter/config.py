@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from osad.core.thresholds import DEFAULT_FENCE_K
+from osad.core.thresholds import ARM_SCORES, DEFAULT_FENCE_K
 from osad.runtime.config import Config, at_least, in_range, non_negative, positive, setting
 
 THRESHOLDS, INCIDENTS, HOST_EVENTS = "thresholds", "incidents", "host-wide events"
@@ -68,6 +68,16 @@ class AlerterConfig(Config):
         100, group=THRESHOLDS,
         check=_check(lambda v: v >= 2, "must be at least 2 (POT needs 20 or more; fewer use mean + 3 std)"),
         help="each (entity, model)'s first scores, assumed normal, on which its POT threshold is fitted")
+    arm_scores: int = setting(
+        ARM_SCORES, group=THRESHOLDS, check=non_negative,
+        help="after this many scores of an (entity, model), judge it with a provisional, conservative threshold "
+        "(tightening as scores come) until its POT calibration; 0: judge nothing before calibration_scores")
+    adapt: bool = setting(
+        False, group=THRESHOLDS,
+        help="after calibration, let each threshold follow its stream's normal level (drift-aware POT, DSPOT, "
+        "learning only from windows judged normal, at a bounded speed) instead of keeping it (frozen POT). Off by "
+        "default: on the benchmark sets, chosen leaving each set out, it did worse than frozen POT on two of three "
+        "(docs/thresholds.md)")
     q: float = setting(1e-3, group=THRESHOLDS, check=in_range(0, 1),
                        help="POT risk: the probability that a normal score exceeds the threshold")
     calibration_fence: float = setting(

@@ -43,7 +43,7 @@ from .host_events import HostEvents, recent_since
 from .incidents import (SEVERITY_BOUNDS, add_evidence, anomaly_id_for, changed, evidence_of, open_incident,
                         publish_entity, severity_of, should_close)
 from .state import STATE_VERSION, EntityState, Evidence, HostState, Incident, Memory, Stream, host_key
-from .thresholds import MIN_THRESHOLD, calibrate, model_family, threshold_for
+from .thresholds import MIN_THRESHOLD, given_threshold, learn, model_family
 
 __all__ = ["Engine", "AlerterConfig", "parse_threshold_override", "anomaly_id_for", "severity_of", "model_family",
            "host_key", "EntityState", "HostState", "Incident", "Evidence", "Stream", "SEVERITY_BOUNDS",
@@ -55,7 +55,7 @@ class Engine:
 
     ``load(entity_id)`` returns a persisted state (:meth:`EntityState.to_dict`) or None; it is asked
     the first time an entity is seen. :meth:`take_dirty` hands over the states to persist.
-    ``counters`` counts events (duplicate, calibrated, opened, updated, closed, closed_idle,
+    ``counters`` counts events (duplicate, armed, calibrated, opened, updated, closed, closed_idle,
     evicted_idle, evicted_cap, loaded, held, host_opened, host_updated, host_closed, victim_joined, victim_held).
     """
 
@@ -103,8 +103,14 @@ class Engine:
         ent.max_seq = max(ent.max_seq, seq)
         ent.last_ts = max(ent.last_ts, s.window_end_ts)
         hs = mem.host(ent.ref["host"], now) if cfg.host_min_entities != 0 else None
-        thr = self._threshold(st, s)
+        given = given_threshold(cfg, s)
+        thr = st.threshold if given is None else given
         over = thr is not None and math.isfinite(s.score) and s.score > thr
+        if given is None:  # the stream's own threshold: it calibrates and adapts on the windows judged normal
+            normal = (not over and ent.incident is None and ent.host_event is None and ent.affected_by is None)
+            event = learn(cfg, st, s, normal)
+            if event:
+                self.counters[event] += 1
         if hs is not None:
             hosts.track_top(ent, s, learn=not over and hs.incident is None)
         if cfg.contention_z > 0:
@@ -211,12 +217,6 @@ class Engine:
             if (p is not culprit and p.last_ts >= since and p.incident is None and p.entity_id not in inc.affected
                     and contention.slowed(p, self.cfg.contention_z)):
                 inc.affected.append(p.entity_id)
-
-    def _threshold(self, st: Stream, s: Score) -> float | None:
-        thr = threshold_for(self.cfg, st, s)
-        if thr is None and calibrate(self.cfg, st, s):
-            self.counters["calibrated"] += 1
-        return thr
 
     def _prune_streams(self, ent: EntityState) -> None:
         """A new model joins: forget models that stopped reporting long ago (e.g. a replaced checkpoint)."""

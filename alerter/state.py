@@ -20,12 +20,13 @@ from __future__ import annotations
 import math
 from array import array
 from collections import Counter, OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Iterator
 
+from osad.core.thresholds import StreamThreshold
 from osad.schemas import Score
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: each stream's threshold is a StreamThreshold (1: calib, threshold, method; still read)
 #: what an entity's Scores say about it, copied into its anomalies
 REF_FIELDS = ("host", "pid", "comm", "cgroup", "container_id")
 
@@ -49,13 +50,36 @@ class Stream:
     model_id: str
     last_seq: int | None = None
     gap: int = 1
-    calib: list[float] = field(default_factory=list)
-    threshold: float | None = None  # from calibration
-    method: str = ""
+    # the stream's own threshold through its life (osad.core.thresholds.StreamThreshold: arming, provisional,
+    # calibrated, adapting); None while a static or the model's own threshold judges it
+    tracker: StreamThreshold | None = None
+    threshold: float | None = None  # the tracker's value (None while arming)
+    method: str = ""  # the tracker's method: provisional, pot, sigma or dspot
     judged_threshold: float | None = None  # the threshold of the last judged score (any source)
     over_run: int = 0
     under_run: int = 0
     pending: list[Evidence] = field(default_factory=list)  # the current over-run, before an incident opens
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("pending", "tracker")}
+        d["pending"] = [asdict(e) for e in self.pending]
+        d["tracker"] = None if self.tracker is None else self.tracker.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, version: int = STATE_VERSION) -> "Stream":
+        d = dict(d)
+        d["pending"] = [Evidence(**e) for e in d.get("pending", [])]
+        if version == 1:  # before trackers: the calibration scores so far, or a frozen threshold
+            calib = d.pop("calib", [])
+            tr = None
+            if calib or d.get("threshold") is not None:
+                tr = StreamThreshold(calibration=max(len(calib) + 1, 2), arm=0)
+                tr.calib, tr.value, tr.method = list(calib), d.get("threshold"), d.get("method") or ""
+            d["tracker"] = tr
+        else:
+            d["tracker"] = StreamThreshold.from_dict(d["tracker"]) if d.get("tracker") else None
+        return cls(**d)
 
 
 @dataclass
@@ -114,7 +138,8 @@ class EntityState:
     last_seen: float = 0.0  # wall clock of the last score (not persisted: a reload counts as seen)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, streams={}))
+        d["streams"] = {k: st.to_dict() for k, st in self.streams.items()}
         d.pop("last_seen")
         for k in ("level_features", "level_mean", "level_var", "change"):
             d[k] = list(d[k])
@@ -126,13 +151,9 @@ class EntityState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EntityState":
-        if d.get("v") != STATE_VERSION:
+        if d.get("v") not in (1, STATE_VERSION):
             raise ValueError(f"alerter state version {d.get('v')} is not {STATE_VERSION}")
-        streams = {}
-        for k, s in d["streams"].items():
-            s = dict(s)
-            s["pending"] = [Evidence(**e) for e in s.get("pending", [])]
-            streams[k] = Stream(**s)
+        streams = {k: Stream.from_dict(s, d["v"]) for k, s in d["streams"].items()}
         inc = Incident(**d["incident"]) if d.get("incident") else None
         last_over, victim = d.get("last_over_ts"), d.get("victim_ts")
         return cls(entity_id=d["entity_id"], ref=dict(d.get("ref") or {}), streams=streams, incident=inc,
@@ -170,7 +191,7 @@ class HostState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HostState":
-        if d.get("v") != STATE_VERSION or d.get("kind") != "host":
+        if d.get("v") not in (1, STATE_VERSION) or d.get("kind") != "host":
             raise ValueError(f"not a host state of version {STATE_VERSION}: {d.get('kind')!r} v{d.get('v')}")
         inc = Incident(**d["incident"]) if d.get("incident") else None
         return cls(host=d["host"], incident=inc, members=list(d.get("members") or []),

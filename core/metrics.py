@@ -194,6 +194,21 @@ def f1_at(scores, labels, threshold: float) -> dict:
     return {"f1": f, "precision": p, "recall": r, "threshold": float(threshold)}
 
 
+def f1_of(flags, labels) -> dict:
+    """Point-wise ``{f1, precision, recall}`` of given per-point flags (e.g. each point against the threshold in
+    force when its window arrived).
+
+    >>> f1_of([False, True, True, False], [0, 1, 0, 0])["f1"]
+    0.6666666666666666
+    """
+    pred, y = _check(flags, labels)
+    pred = pred > 0
+    if y.sum() == 0:
+        return {"f1": math.nan, "precision": math.nan, "recall": math.nan}
+    p, r, f = prf(float((pred & y).sum()), float((pred & ~y).sum()), float((~pred & y).sum()))
+    return {"f1": f, "precision": p, "recall": r}
+
+
 def hitrate(contributions, interpretation, percent: float = 100.0) -> float:
     """HitRate@P% over labelled anomaly segments (NaN without any).
 

@@ -301,7 +301,8 @@ class DSPOT:
       new target by at most half the cap; what is left over is caught up on later steps.
     * ``center="median"``: the level is the window's median instead of its mean. ``memory=N``:
       forgetting; POT is refitted on the last N learned residuals only (on every peak and every
-      N/10 scores) instead of on every peak since calibration (the paper).
+      N/10 scores) instead of on every peak since calibration (the paper). ``max_peaks=N``: bounded state; past N
+      peaks the older half is forgotten (and the score count scaled by the same share).
     * ``run(scores)`` -> (thresholds, alarms) is ``step`` over an array (identical results).
     * ``to_dict()`` / ``from_dict(d)``: the whole state as JSON-ready plain values.
 
@@ -314,7 +315,7 @@ class DSPOT:
 
     def __init__(self, q: float = 1e-3, depth: int = 20, mode: str = "add", rate: float = 0.05, hold: int = 0,
                  center: str = "mean", memory: int | None = None, level: float = 0.98, min_peaks: int = 10, fallback_k: float = 3.0,
-                 fence_k: float | None = DEFAULT_FENCE_K):
+                 fence_k: float | None = DEFAULT_FENCE_K, max_peaks: int | None = None):
         if not 0 < q < 1:
             raise ValueError(f"q must be a probability in (0, 1), got {q}")
         if depth < 1:
@@ -331,6 +332,9 @@ class DSPOT:
         if memory is not None and memory < 2 * min_peaks:
             raise ValueError(f"memory must be None or >= 2 * min_peaks = {2 * min_peaks}, got {memory}")
         self.center, self.memory = center, None if memory is None else int(memory)
+        if max_peaks is not None and max_peaks < 2 * min_peaks:
+            raise ValueError(f"max_peaks must be None or >= 2 * min_peaks = {2 * min_peaks}, got {max_peaks}")
+        self.max_peaks = None if max_peaks is None else int(max_peaks)
         self.resid: list[float] = []  # with memory: the last `memory` learned residuals
         self._c = np.mean if center == "mean" else np.median
         self.level, self.min_peaks, self.fallback_k, self.fence_k = level, min_peaks, fallback_k, fence_k
@@ -431,6 +435,14 @@ class DSPOT:
             return False
         if self.frozen or not learn or not math.isfinite(x):
             return False
+        self.learn(x)
+        return False
+
+    def learn(self, x: float) -> None:
+        """Learn ``x`` as a normal score (the caller judged it: below the threshold, no incident open)."""
+        x = float(x)
+        if not math.isfinite(x):
+            return
         y = float(self._fwd(x))
         r = y - self.base
         self.n += 1
@@ -444,6 +456,10 @@ class DSPOT:
                 self.t = float(thr.info["t"]) if thr.method == "pot" else math.nan
         elif math.isfinite(self.t) and r > self.t:
             self.peaks.append(r - self.t)
+            if self.max_peaks and len(self.peaks) > self.max_peaks:  # bounded: forget the older half
+                keep = self.max_peaks // 2
+                self.n = max(int(round(self.n * keep / len(self.peaks))), keep + 1)
+                self.peaks = self.peaks[-keep:]
             self._refit()
         self.window.append(y)
         if len(self.window) > self.depth:
@@ -453,7 +469,6 @@ class DSPOT:
         self.base += min(max(target - self.base, -half), half)
         self.z += min(max(self.z_target - self.z, -half), half)
         self.learned += 1
-        return False
 
     def run(self, scores, learn=True) -> tuple[np.ndarray, np.ndarray]:
         """``step`` over ``scores``: (threshold in force before each score, alarm of each score).
@@ -468,7 +483,8 @@ class DSPOT:
         return thr, al
 
     # -- state
-    _PARAMS = ("q", "depth", "mode", "rate", "hold", "center", "memory", "level", "min_peaks", "fallback_k", "fence_k")
+    _PARAMS = ("q", "depth", "mode", "rate", "hold", "center", "memory", "level", "min_peaks", "fallback_k", "fence_k",
+               "max_peaks")
     _STATE = ("frozen", "fitted", "eps", "window", "base", "t", "peaks", "resid", "n", "z", "z_target", "z0", "method",
               "hold_left", "alarms", "learned")
 
@@ -495,7 +511,7 @@ class DSPOT:
             if v == "-inf":
                 return -math.inf
             return v
-        o = cls(**{k: (dec(d[k]) if k in ("rate", "fallback_k") else d[k]) for k in cls._PARAMS})
+        o = cls(**{k: (dec(d[k]) if k in ("rate", "fallback_k") else d[k]) for k in cls._PARAMS if k in d})
         for k in cls._STATE:
             v = d[k]
             if k in ("window", "peaks", "resid"):
@@ -504,3 +520,166 @@ class DSPOT:
                 v = float(dec(v))
             setattr(o, k, v)
         return o
+
+
+#: scores a stream needs before its first (provisional) threshold: about 2.5 minutes of windows at the defaults
+ARM_SCORES = 16
+#: the provisional threshold is the largest fenced score so far times ``1 + PROVISIONAL_SPREAD * (ARM_SCORES / n) **
+#: PROVISIONAL_DECAY`` (n scores seen): 3.5x the maximum at 16 scores, 2.5x at 100. Chosen without labels, on the
+#: train tails of SMD, ASD and JumpStarter (every stretch of n consecutive tail scores, against POT on the whole
+#: tail): the 90th percentile of POT / max is 3.56 at 16 scores, 3.06 at 32, 2.64 at 64 (each set within 0.5 of it),
+#: so the provisional threshold is at or above the calibrated one in about 9 stretches of 10: conservative.
+PROVISIONAL_SPREAD, PROVISIONAL_DECAY = 2.5, 0.3
+#: the adaptive phase's DSPOT settings (docs/thresholds.md says how they were chosen)
+ADAPT_DEPTH, ADAPT_Q, ADAPT_RATE = 100, 1e-2, 0.02
+#: most peaks an adapting stream keeps: past this, the older half is forgotten (bounded state, weeks of scores)
+ADAPT_MAX_PEAKS = 400
+
+
+def provisional_threshold(scores, fence_k: float | None = DEFAULT_FENCE_K) -> float:
+    """A conservative threshold from a stream's first few normal scores (see :data:`PROVISIONAL_SPREAD`).
+
+    >>> round(provisional_threshold([1.0] * 15 + [2.0]), 3)
+    7.0
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        raise ValueError("no finite scores")
+    if fence_k is not None:
+        s, _, _ = fence(s, fence_k)
+    factor = 1.0 + PROVISIONAL_SPREAD * (ARM_SCORES / max(s.size, 1)) ** PROVISIONAL_DECAY
+    return float(max(s.max(), 0.0) * factor)
+
+
+class StreamThreshold:
+    """One score stream's label-free threshold through its life: the alerter's and ``osad evaluate``'s.
+
+    1. **arming**: no threshold; the first ``arm`` finite scores are taken as normal;
+    2. **provisional** (from ``arm`` scores; skipped when ``arm`` is 0): :func:`provisional_threshold` of the
+       normal scores so far, recomputed with each: conservative at first, tightening as they grow;
+    3. **calibrated** (at ``calibration`` normal scores): POT (:func:`pot_threshold`, risk ``q``, fence
+       ``fence_k``) on them. With ``adapt`` off it stays there (frozen); with ``adapt`` on, a :class:`DSPOT`
+       fitted on the same scores follows the stream's level from then on (``adapt`` = its settings).
+
+    :meth:`update` takes each score after it was judged against :attr:`value` (the threshold in force before
+    it), with ``learn``: whether the caller judged it normal (not over the threshold, no incident open). Only
+    learned scores calibrate or adapt the threshold, so a fault is never learnt as normal; DSPOT's own speed cap
+    bounds how fast it moves. State: :meth:`to_dict` / :meth:`from_dict`, plain JSON, bounded
+    (``ADAPT_MAX_PEAKS``).
+
+    >>> t = StreamThreshold(calibration=40, arm=16, adapt=None)
+    >>> [t.update(1.0 + 0.1 * (i % 5)) for i in range(16)][-1], round(t.value, 2), t.method
+    ('armed', 4.9, 'provisional')
+    >>> [t.update(1.0 + 0.1 * (i % 5)) for i in range(24)][-1], t.method  # (40 scores: too few for POT)
+    ('calibrated', 'sigma')
+    """
+
+    def __init__(self, calibration: int = 100, q: float = 1e-3, fence_k: float | None = DEFAULT_FENCE_K,
+                 arm: int = ARM_SCORES, adapt: dict | None = None):
+        if calibration < 2:
+            raise ValueError(f"calibration must be at least 2 scores, got {calibration}")
+        self.calibration, self.q, self.fence_k = int(calibration), q, fence_k
+        self.arm = min(int(arm), self.calibration)
+        self.adapt = dict(adapt) if adapt else None
+        self.calib: list[float] = []
+        self.value: float | None = None
+        self.method = ""
+        self.dspot: DSPOT | None = None
+
+    @property
+    def phase(self) -> str:
+        """arming, provisional, calibrated (frozen) or adapting."""
+        if self.value is None:
+            return "arming"
+        if self.method == "provisional":
+            return "provisional"
+        return "adapting" if self.dspot is not None else "calibrated"
+
+    def fit(self, scores) -> "StreamThreshold":
+        """Calibrate at once on ``scores`` (assumed normal), e.g. a held-out train tail."""
+        self.calib = [float(x) for x in np.asarray(scores, np.float64).reshape(-1) if math.isfinite(x)]
+        self._calibrate()
+        return self
+
+    def update(self, x: float, learn: bool = True) -> str | None:
+        """Take score ``x`` (judged against :attr:`value` before this call); "armed" or "calibrated" when
+        that happened with it."""
+        x = float(x)
+        if not math.isfinite(x) or (not learn and self.value is not None):
+            return None
+        if self.dspot is not None:
+            self.dspot.learn(x)
+            self.value = max(self.dspot.threshold, MIN_VALUE)
+            return None
+        if self.method not in ("", "provisional"):
+            return None  # frozen
+        self.calib.append(x)
+        if len(self.calib) >= self.calibration:
+            self._calibrate()
+            return "calibrated"
+        if self.arm and len(self.calib) >= self.arm:
+            first = self.value is None
+            self.value, self.method = max(provisional_threshold(self.calib, self.fence_k), MIN_VALUE), "provisional"
+            return "armed" if first else None
+        return None
+
+    def _calibrate(self) -> None:
+        if not self.calib:
+            raise ValueError("no finite scores to calibrate on")
+        r = pot_threshold(self.calib, q=self.q, fence_k=self.fence_k)
+        self.value, self.method, self.info = max(r.value, MIN_VALUE), r.method, r.info
+        if self.adapt is not None:
+            self.dspot = DSPOT(fence_k=self.fence_k, **self.adapt).fit(self.calib)
+            self.value = max(self.dspot.threshold, MIN_VALUE)
+            self.method = "dspot"
+        self.calib = []
+
+    def to_dict(self) -> dict:
+        """Settings and state, plain JSON (a restored tracker continues with the settings it started with)."""
+        return {"calibration": self.calibration, "q": self.q, "fence_k": self.fence_k, "arm": self.arm,
+                "adapt": self.adapt, "calib": list(self.calib), "value": self.value, "method": self.method,
+                "dspot": None if self.dspot is None else self.dspot.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StreamThreshold":
+        t = cls(calibration=d["calibration"], q=d["q"], fence_k=d["fence_k"], arm=d["arm"], adapt=d.get("adapt"))
+        t.calib = [float(x) for x in d.get("calib") or []]
+        t.value = None if d.get("value") is None else float(d["value"])
+        t.method = d.get("method") or ""
+        t.dspot = DSPOT.from_dict(d["dspot"]) if d.get("dspot") else None
+        return t
+
+
+#: a threshold is never below this (a constant calibration period would give 0)
+MIN_VALUE = 1e-9
+
+
+def judge_stream(tracker: StreamThreshold, scores, open_after: int, close_after: int) -> np.ndarray:
+    """Step a score stream through ``tracker`` as the alerter's engine does for one (entity, model): each score is
+    over when ``score > threshold in force``; it is learnt only when it is not over and no incident is open
+    (an incident opens at ``open_after`` consecutive scores over and closes at ``close_after`` under, the
+    alerter's rule, :func:`osad.core.metrics.incidents_from_alarms`). Returns the threshold each score was judged
+    by (NaN while arming). Pure; ``tracker`` is advanced.
+
+    >>> t = StreamThreshold(calibration=30, arm=0).fit(np.linspace(1.0, 2.0, 30))
+    >>> judge_stream(t, [1.5, 9.0, 9.0, 1.5], 2, 3).round(3).tolist()
+    [2.757, 2.757, 2.757, 2.757]
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    out = np.full(s.size, math.nan)
+    over_run = under_run = 0
+    incident = False
+    for i, x in enumerate(s):
+        thr = tracker.value
+        over = thr is not None and math.isfinite(x) and x > thr
+        if thr is not None:
+            out[i] = thr
+        tracker.update(x, learn=not over and not incident)
+        if over:
+            over_run, under_run = over_run + 1, 0
+            incident = incident or over_run >= open_after
+        else:
+            over_run, under_run = 0, under_run + 1
+            incident = incident and under_run < close_after
+    return out

@@ -703,7 +703,8 @@ class CalibratedCSScorer(Scorer):
                              f"got windows with {n}; fit it again on windows of these features")
 
 
-def score_many(items: list[tuple["CalibratedCSScorer", np.ndarray]], chunk: int = 256) -> list[ScoreBatch]:
+def score_many(items: list[tuple["CalibratedCSScorer", np.ndarray]], chunk: int = 256,
+               jump_start: dict[int, ScoreBatch | None] | None = None) -> list[ScoreBatch]:
     """The windows of many entities, each with its own :class:`CalibratedCSScorer` (fitted or not), scored
     with one reconstruction for all of them: ``items`` = [(scorer, values [b_i, T, N])], one T and N.
 
@@ -713,7 +714,8 @@ def score_many(items: list[tuple["CalibratedCSScorer", np.ndarray]], chunk: int 
     solver call for a batch of many entities costs about what one entity's call cost (the per-iteration work is
     small matrix products, dominated by dispatch at batch 1). Scorers whose reconstruction options differ are
     solved in separate calls. Returns one ScoreBatch per item, in order. (Issue 16; the paper's method is
-    unchanged: see :class:`CSScorer`.)
+    unchanged: see :class:`CSScorer`.) ``jump_start``: item index -> None, filled with that item's jump-start
+    score (:meth:`CSScorer.score_residual`, the uncalibrated score) from the same reconstruction, at no extra solve.
     """
     out: list[ScoreBatch | None] = [None] * len(items)
     by_options: dict[tuple, list[int]] = {}
@@ -749,4 +751,6 @@ def score_many(items: list[tuple["CalibratedCSScorer", np.ndarray]], chunk: int 
                 out[i] = sc._score_residual(v, *sc._pca_terms(v, np.abs(v - xh)))
             else:
                 out[i] = sc.cs.score_residual(v, xh, it)
+            if jump_start is not None and i in jump_start:
+                jump_start[i] = sc.cs.score_residual(v, xh, it)
     return out

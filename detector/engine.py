@@ -14,7 +14,10 @@ scorer scores each window and what goes into one model call, and keeps the per-e
   the same chunk, the entity is scored by its own calibrated scorer. A window with another
   window length or feature count than the kept ones restarts the entity's calibration. At most
   ``cs_max_entities`` calibrated scorers are kept (the least recently used is dropped; that
-  entity is jump-started again). A fit that fails is logged; the entity stays jump-started.
+  entity is jump-started again). A fit that fails is logged; the entity stays jump-started. For
+  ``cs_handover`` windows after its fit, an entity gets its jump-start Score as well (same
+  reconstruction, no extra solve), so the alerter's armed jump-start stream judges it while the
+  calibrated stream arms.
 * **MSCRED** (or any checkpointed scorer): a window that a checkpoint in the folder matches
   (:meth:`CheckpointFolder.match`) is scored by it as well, one call per checkpoint.
 * **Online training hand-off**: a window no checkpoint matches goes to the online trainer, if
@@ -39,8 +42,8 @@ Example::
     ...                            values=0.5 + 0.1 * rng.normal(size=(60, 3)))
     >>> eng = Engine(CSScorer(gap=5, max_iter=50), EngineConfig(cs_calibrate=5))
     >>> ids = [s.model_id.split(":")[0] for s in eng.score([window(59 + 5 * i) for i in range(7)])]
-    >>> ids.count("cs-jumpstarter"), ids.count("cs-calibrated"), eng.calibrating
-    (5, 2, [])
+    >>> ids.count("cs-jumpstarter"), ids.count("cs-calibrated"), eng.calibrating  # (2 handed over: both scores)
+    (7, 2, [])
 """
 
 from __future__ import annotations
@@ -54,17 +57,24 @@ from typing import Callable
 
 import numpy as np
 
+from osad.core.thresholds import ARM_SCORES
 from osad.runtime.config import Config, setting
 from osad.schemas import Score, SignatureWindow
 from osad.schemas.wire import unpack_symmetric
 
-from .base import Scorer, WindowBatch
+from .base import ScoreBatch, Scorer, WindowBatch
 from .calibrations import CalibrationStore
 from .cs import CalibratedCSScorer, CSScorer, score_many
 from .folder import Checkpoint, CheckpointFolder
 from .online import OnlineTrainer
 
 log = logging.getLogger("osad.detector")
+
+
+#: windows after an entity's calibration that the jump-start scorer also scores: the alerter arms the calibrated
+#: model's stream after this many scores (osad.core.thresholds.ARM_SCORES), and until then the jump-start stream,
+#: armed already, keeps judging the entity, so calibrating it leaves no window unjudged
+HANDOVER_WINDOWS = ARM_SCORES
 
 
 def _zero_or_at_least_5(v: int) -> str | None:
@@ -79,6 +89,10 @@ class EngineConfig(Config):
                                 "compressed sensing calibrated on them (per-metric normal range + PCA level term; "
                                 "model cs-calibrated) instead of the window-relative jump-start score (0: never)",
                                 check=_zero_or_at_least_5)
+    cs_handover: int = setting(HANDOVER_WINDOWS, check=lambda v: None if v >= 0 else "must be 0 or more",
+                               help="windows after an entity's calibration that also get the jump-start score, so the "
+                               "alerter's armed jump-start stream judges them while the calibrated stream arms (the "
+                               "alerter's --arm-scores; 0: none)")
     cs_max_entities: int = 10_000  # calibrated scorers kept; the least recently used is dropped
 
 
@@ -106,6 +120,8 @@ class Engine:
         self._buffers: dict[str, list[np.ndarray]] = {}  # entity -> values of its windows so far
         self._buffer_last: dict[str, int] = {}  # entity -> window_end_seq of its newest buffered window
         self._fitted: "OrderedDict[str, Scorer]" = OrderedDict()  # entity -> its calibrated scorer (LRU order)
+        # entity -> windows after its calibration still also scored by the jump-start scorer (HANDOVER_WINDOWS)
+        self._handover: dict[str, int] = {}
         self._trained_seen: set[str] = set()
 
     # -- state ---------------------------------------------------------------------------------
@@ -197,7 +213,7 @@ class Engine:
             else:
                 lost += ws
         if own:  # every calibrated entity of the chunk in one reconstruction (cs.score_many)
-            out += self._run_many(own)
+            out += self._run_many(own, jump)
         return out + (self._run(jump, lost) if lost else [])
 
     def _fit_entity(self, eid: str, gap: int, values: list[np.ndarray], last: SignatureWindow) -> None:
@@ -208,6 +224,8 @@ class Engine:
             log.warning("could not calibrate compressed sensing for %s: %s", eid, e)
             return
         self._keep(eid, sc)
+        if self.config.cs_handover:
+            self._handover[eid] = self.config.cs_handover
         log.info("compressed sensing calibrated for %s on %d windows", eid, len(values))
         if self.store is not None:
             try:
@@ -227,7 +245,7 @@ class Engine:
     def _keep(self, eid: str, sc: Scorer) -> None:
         self._fitted[eid] = sc
         while len(self._fitted) > self.config.cs_max_entities:
-            self._fitted.popitem(last=False)
+            self._handover.pop(self._fitted.popitem(last=False)[0], None)
 
     def _jump_start(self, gap: int) -> Scorer:
         """The jump-start scorer for windows of this gap (it scores the newest gap points)."""
@@ -248,15 +266,26 @@ class Engine:
             self.on_model_call(scorer, len(windows), time.perf_counter() - t0)
         return self._scores(scorer, windows, res)
 
-    def _run_many(self, pairs: list[tuple[Scorer, list[SignatureWindow]]]) -> list[Score]:
-        """Entities' own calibrated scorers, each with its windows (one feature set), in one model call."""
+    def _run_many(self, pairs: list[tuple[Scorer, list[SignatureWindow]]], jump: Scorer) -> list[Score]:
+        """Entities' own calibrated scorers, each with its windows (one feature set), in one model call; for an
+        entity just calibrated, its jump-start Scores too (from the same reconstruction), for HANDOVER_WINDOWS."""
         t0 = time.perf_counter()
-        results = score_many([(sc, np.stack([w.values for w in ws])) for sc, ws in pairs])
+        handing = {i: None for i, (_, ws) in enumerate(pairs) if self._handover.get(ws[0].entity_id)}
+        results = score_many([(sc, np.stack([w.values for w in ws])) for sc, ws in pairs], jump_start=handing)
         if self.on_model_call:
             self.on_model_call(pairs[0][0], sum(len(ws) for _, ws in pairs), time.perf_counter() - t0)
         out: list[Score] = []
-        for (sc, ws), res in zip(pairs, results):
+        for i, ((sc, ws), res) in enumerate(zip(pairs, results)):
             out += self._scores(sc, ws, res)
+            if handing.get(i) is not None:
+                eid = ws[0].entity_id
+                left = self._handover.pop(eid)
+                k = min(left, len(ws))
+                if left > k:
+                    self._handover[eid] = left - k
+                j = handing[i]
+                out += self._scores(jump, ws[:k], ScoreBatch(j.scores[:k], j.contributions[:k],
+                                                             {n: v[:k] for n, v in j.detail.items()}))
         return out
 
     def _scores(self, scorer: Scorer, windows: list[SignatureWindow], res) -> list[Score]:

@@ -38,7 +38,8 @@ from osad.alerter.config import AlerterConfig
 from osad.core import metrics as M
 from osad.core.datasets import Entity, list_entities, load_entity
 from osad.core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, signature_windows, span
-from osad.core.thresholds import DEFAULT_FENCE_K, pot_threshold
+from osad.alerter.thresholds import adapt_settings
+from osad.core.thresholds import DEFAULT_FENCE_K, StreamThreshold, judge_stream, pot_threshold
 from osad.runtime.config import Config, in_range, setting
 
 from . import registry
@@ -207,8 +208,8 @@ def incident_metrics(window_scores: np.ndarray, pmap: np.ndarray, labels: np.nda
                      open_after: int, close_after: int, interval_s: float) -> dict:
     """Incident-level measures of one test stream at one threshold, by the alerter's rule.
 
-    Alarms are per *window* (``window_score >= threshold``, as ``deployed_f1`` flags points; the alerter
-    uses ``>``, which differs only for a score exactly at the threshold); windows make incidents with
+    Alarms are per *window* (``window_score > threshold``, the alerter's rule, as ``deployed_f1`` flags points;
+    ``threshold``: one value, or the one in force at each window); windows make incidents with
     :func:`core.metrics.incidents_from_alarms` (``open_after`` / ``close_after`` count windows, as the
     alerter's do). ``pmap``: each test point's window (see :func:`score_points`), so window ``w`` holds
     the points ``pmap == w``. An incident covers the points from its opening run's first alarmed window
@@ -231,7 +232,7 @@ def incident_metrics(window_scores: np.ndarray, pmap: np.ndarray, labels: np.nda
     p1 = np.searchsorted(pmap, idx, side="right") - 1
     if (p1 < p0).any():
         raise AssertionError("a window holds no test point")
-    inc = M.incidents_from_alarms(ws >= threshold, open_after, close_after)
+    inc = M.incidents_from_alarms(ws > threshold, open_after, close_after)
     ev = np.array([(p0[a - open_after + 1], p1[b]) for a, b in inc], dtype=np.int64).reshape(-1, 2)
     pub = np.array([p1[a] for a, _ in inc], dtype=np.int64)
     segs = M.segments(y)
@@ -301,6 +302,8 @@ class EvalConfig(Config):
     limit_test: int | None = setting(0, help="use only the first N test rows (0: all; quick runs)")
     fit_options: dict | None = setting(None, flag="--fit-option", parse=parse_fit_options,
                                        help="KEY=VALUE[,KEY=VALUE] passed to fit() of mscred (e.g. epochs=5)")
+    adapt: bool = setting(AlerterConfig().adapt, help="let the threshold adapt on the test windows judged normal, "
+                          "as 'osad alert --adapt' does (default: as the alerter's default)")
     # the alerter's incident rule (windows), its defaults: the incident measures are what 'osad alert' would page
     open_after: int = AlerterConfig().open_after
     close_after: int = AlerterConfig().close_after
@@ -360,26 +363,32 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
         # held-out train tail, then test, on the featurizer's grid of a stream that starts at train row 0
         # (the tail's windows are the grid's: the rows after its last one are scored by the first test window)
         _, _, val_scores = score_points(scorer, xtr[:n_fit], xtr[n_fit:], seq0=seq0 + n_fit, cover_last=False, **pkw)
+        # the label-free threshold as the alerter keeps it: POT on the tail, then (with --adapt) adapting on the
+        # test windows judged normal, causally (the threshold in force when each window arrives)
+        tracker = StreamThreshold(calibration=max(val_scores.size, 2), q=cfg.q, fence_k=cfg.fence or None, arm=0,
+                                  adapt=adapt_settings() if cfg.adapt else None).fit(val_scores)
         thr = pot_threshold(val_scores, q=cfg.q, level=cfg.level, fence_k=cfg.fence or None)
         s, c, w_scores, pmap = score_points(scorer, xtr, xte, seq0=seq0 + n_train, with_map=True, **pkw)
+        thr_w = judge_stream(tracker, w_scores, cfg.open_after, cfg.close_after)
         t2 = time.perf_counter()
-        dep = M.f1_at(s, labels, thr.value)
+        dep = M.f1_of(s > thr_w[pmap], labels)  # the alerter's rule: over when score > threshold
         best = M.best_f1(s, labels)
         r = {
             "f1": best["f1"], "auprc": M.auprc(s, labels), "pa_f1": M.pa_best_f1(s, labels)["f1"],
             "deployed_f1": dep["f1"],
             "hitrate@100": M.hitrate(c, ent.interpretation, 100), "hitrate@150": M.hitrate(c, ent.interpretation, 150),
-            "best_threshold": best["threshold"], "threshold": thr.value, "threshold_method": thr.method,
+            "best_threshold": best["threshold"], "threshold": thr.value, "threshold_method": tracker.method,
+            "threshold_last": float(thr_w[-1]) if thr_w.size else thr.value,
             "deployed_precision": dep["precision"], "deployed_recall": dep["recall"],
             "model_id": scorer.model_id, "fit_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3),
             "windows_scored": int(val_scores.size + w_scores.size),
         }
         r.update(M.vus(s, labels, window=vus_window))
-        r.update(incident_metrics(w_scores, pmap, labels, thr.value, open_after=cfg.open_after,
+        r.update(incident_metrics(w_scores, pmap, labels, thr_w, open_after=cfg.open_after,
                                   close_after=cfg.close_after, interval_s=ent.interval_s))
         result["models"][mname] = r
         arrays[mname] = s
-        arrays[mname + ":threshold"] = np.array(thr.value)
+        arrays[mname + ":threshold"] = thr_w[pmap]
     if keep_scores:
         result["_arrays"] = arrays
     return result
@@ -501,16 +510,16 @@ def plot_entity(res: dict, arrays: dict, models, path: Path) -> None:
     segs = M.segments(labels)
     for ax, m in zip(axes[:, 0], models):
         s = arrays[m]
-        thr = float(arrays[m + ":threshold"])
+        thr = np.broadcast_to(np.asarray(arrays[m + ":threshold"], np.float64), s.shape)  # in force at each point
         for a, b in segs:
             ax.axvspan(a, b + 1, color="tab:red", alpha=0.18, lw=0)
         ax.plot(s, lw=0.6, color="tab:blue")
-        ax.axhline(thr, color="tab:orange", lw=1, ls="--")
+        ax.plot(thr, color="tab:orange", lw=1, ls="--")
         r = res["models"][m]
         ax.set_ylabel(m)
         ax.set_title(f"{m}: f1 {r['f1']:.3f}  auprc {r['auprc']:.3f}  deployed_f1 {r['deployed_f1']:.3f} "
                      f"(threshold {r['threshold_method']})", fontsize=8, loc="left")
-        lo, hi = np.percentile(s, 0.5), max(np.percentile(s, 99.9), thr)
+        lo, hi = np.percentile(s, 0.5), max(np.percentile(s, 99.9), float(np.nanmax(thr)))
         if hi > lo:
             ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.15 * (hi - lo))
     axes[-1, 0].set_xlabel("test sample (red: labelled anomaly; dashed: label-free threshold)")

@@ -95,7 +95,11 @@ class WindowConfig(Config):
                                       help="signature matrix scales w, in samples")
     gap: int = setting(DEFAULT_GAP, check=positive, help="samples between windows")
     step: int = setting(DEFAULT_STEP, check=positive, help="signature tensors per window")
-    calibration_samples: int = setting(300, check=at_least(2),
+    # 120: two minutes at one Sample a second, so that with the detector's jump-start score and the alerter's
+    # provisional threshold (--arm-scores 16 windows) a new process is judged within about 250 s of its first
+    # Sample (docs/alerter.md "Arming"); the detector's calibration standardises each metric's residual on its
+    # own normal windows, so these ranges mostly set the soft clip
+    calibration_samples: int = setting(120, check=at_least(2),
                                        help="samples buffered to learn an entity's ranges when none are known")
     calibration_warmup: int = setting(20, check=non_negative,
                                       help="first samples of an entity left out of its calibration, at most a "

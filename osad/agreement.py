@@ -151,9 +151,9 @@ def service_commands(plan: Plan, work: Path, bootstrap: str, prefix: str, *, q: 
     an incident spans the windows over the threshold. Returns service name -> command line."""
     protocol = {
         FEATURIZER.name: ["--ranges", str(work / "ranges.json")],
-        DETECTOR.name: ["--cs-calibrate", str(plan.fit_windows)],
+        DETECTOR.name: ["--cs-calibrate", str(plan.fit_windows), "--cs-handover", "0"],
         ALERTER.name: ["--calibration-scores", str(plan.val_windows), "--q", str(q), "--calibration-fence", str(fence),
-                       "--open-after", "1", "--close-after", "1"],
+                       "--arm-scores", "0", "--open-after", "1", "--close-after", "1"],
     }
     return {s.name: command_line(s, state=str(work), bootstrap=bootstrap, prefix=prefix, security=security,
                                  overrides=protocol.get(s.name, ())) for s in TRANSFORMS}

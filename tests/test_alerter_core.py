@@ -42,7 +42,7 @@ def test_threshold_is_pot_on_the_first_scores_which_are_not_judged():
     rng = np.random.default_rng(3)
     vals = rng.exponential(1.0, 100)
     vals[50] = 1000.0  # a spike inside calibration: no alarm (calibration is assumed normal)
-    eng = Engine(AlerterConfig(calibration_scores=100, q=1e-3))
+    eng = Engine(AlerterConfig(calibration_scores=100, q=1e-3, arm_scores=0))
     assert feed(eng, [sc(i, v) for i, v in enumerate(vals)]) == []
     st = eng.entities["h/1@100"].streams[CS]
     expected = pot_threshold(vals, q=1e-3, fence_k=6.0)
@@ -61,8 +61,8 @@ def test_a_spike_while_calibrating_does_not_lift_the_threshold_out_of_reach():
     rng = np.random.default_rng(7)
     vals = 4.0 + rng.gamma(4.0, 0.5, 60)
     vals[[20, 21]] = [400.0, 250.0]
-    fenced = Engine(AlerterConfig(calibration_scores=60, open_after=3))
-    unfenced = Engine(AlerterConfig(calibration_scores=60, open_after=3, calibration_fence=0))
+    fenced = Engine(AlerterConfig(calibration_scores=60, open_after=3, arm_scores=0))
+    unfenced = Engine(AlerterConfig(calibration_scores=60, open_after=3, calibration_fence=0, arm_scores=0))
     fault = [sc(60 + i, 100.0) for i in range(3)]
     for eng in (fenced, unfenced):
         assert feed(eng, [sc(i, v) for i, v in enumerate(vals)]) == []

@@ -154,7 +154,7 @@ def test_a_failed_store_write_retains_offsets_and_is_retried(tmp_path):
     assert ack(al) == {1: 500}
     store.down = False
     assert ack(al) == {}
-    assert len(store.inner.load_state(ENTITY)["streams"]["cs-jumpstarter:v1"]["calib"]) == 20
+    assert len(store.inner.load_state(ENTITY)["streams"]["cs-jumpstarter:v1"]["tracker"]["calib"]) == 20
 
 
 def test_revoked_partitions_drop_their_entities_after_saving_them(tmp_path):
@@ -164,7 +164,7 @@ def test_revoked_partitions_drop_their_entities_after_saving_them(tmp_path):
     al.revoke({5})
     assert ENTITY not in al.engine.entities
     ack(al)
-    assert len(store.load_state(ENTITY)["streams"]["cs-jumpstarter:v1"]["calib"]) == 12
+    assert len(store.load_state(ENTITY)["streams"]["cs-jumpstarter:v1"]["tracker"]["calib"]) == 12
 
 
 # -- on the real broker -------------------------------------------------------------------------

@@ -279,7 +279,7 @@ def families(scores, eid) -> list[str]:
 
 
 def engine(folder: Path) -> Engine:
-    return Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5), store=CalibrationStore(folder))
+    return Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5, cs_handover=0), store=CalibrationStore(folder))
 
 
 def _resave(p: Path, **change) -> None:

@@ -25,7 +25,7 @@ def test_entity_switches_to_its_calibrated_scorer_which_keeps_a_sustained_shift_
     latent = np.sin(t / np.array([[7.0, 11.0, 17.0]]))  # 10 correlated metrics driven by 3 signals
     x = 0.5 + 0.1 * latent @ rng.normal(size=(3, 10)) + 0.01 * rng.normal(size=(600, 10))
     x[500:, 2] += 1.0  # a sustained level shift of one metric from sample 500 on
-    det = Detector(Engine(CSScorer(gap=5, max_iter=200), EngineConfig(cs_calibrate=30)), BatchConfig(max_batch=1))
+    det = Detector(Engine(CSScorer(gap=5, max_iter=200), EngineConfig(cs_calibrate=30, cs_handover=0)), BatchConfig(max_batch=1))
     outs = []
     for i, w in enumerate(windows(x)):
         outs += det.process_batch([(w, InputMeta("t", 0, i))])
@@ -47,7 +47,7 @@ def test_windows_after_the_calibrating_one_in_the_same_batch_get_the_calibrated_
     rng = np.random.default_rng(1)
     x = 0.5 + 0.1 * rng.normal(size=(400, 4))
     wins = windows(x)  # 69 windows
-    det = Detector(Engine(CSScorer(gap=5, max_iter=100), EngineConfig(cs_calibrate=10)), BatchConfig(max_batch=40))
+    det = Detector(Engine(CSScorer(gap=5, max_iter=100), EngineConfig(cs_calibrate=10, cs_handover=0)), BatchConfig(max_batch=40))
     outs = det.process_batch([(w, InputMeta("t", 0, i)) for i, w in enumerate(wins[:40])])
     by_seq = {o.msg.window_end_seq: o.msg.model_id for o in outs}
     assert len(by_seq) == 40

@@ -38,7 +38,7 @@ def families(scores) -> list[str]:
 
 
 def cs_engine(calibrate: int, **kw) -> Engine:
-    return Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=calibrate, **kw))
+    return Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=calibrate, **{"cs_handover": 0, **kw}))
 
 
 # ------------------------------------------------------------------------------ calibration
@@ -54,6 +54,23 @@ def test_an_entity_is_calibrated_after_its_nth_window_and_then_keeps_its_own_sco
     assert eng.calibrating == [] and eng.calibrated_entities == ["e"]
     assert [s.window_end_seq for s in first + rest] == [59 + 5 * k for k in range(7)]  # order kept per entity
     assert all(s.threshold is None for s in first + rest)  # compressed sensing has no own threshold
+
+
+def test_after_calibration_the_jump_start_score_comes_too_for_the_handover_windows():
+    """So the alerter's jump-start stream, armed already, judges the entity while the calibrated stream arms."""
+    eng = cs_engine(5, cs_handover=3)
+    out = eng.score(stream("e", 5)) + eng.score(stream("e", 4, first=59 + 25))  # 5 calibrate, then 4
+    fam = families(out)
+    assert fam[:5] == ["cs-jumpstarter"] * 5
+    later = [(f, s.window_end_seq) for f, s in zip(fam[5:], out[5:])]
+    seqs = [59 + 5 * k for k in range(5, 9)]
+    assert [q for f, q in later if f == "cs-calibrated"] == seqs
+    assert [q for f, q in later if f == "cs-jumpstarter"] == seqs[:3]  # 4 windows in one chunk: all 4 here
+    plain = cs_engine(5)  # the jump-start Scores of the handover are what the jump-start scorer gives
+    ref = plain.score(stream("e", 5))[:0] + Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=0)).score(
+        stream("e", 4, first=59 + 25))
+    jump = [s for s in out[5:] if s.model_id.startswith("cs-jumpstarter")]
+    assert [s.score for s in jump] == pytest.approx([s.score for s in ref[:len(jump)]], rel=1e-4)
 
 
 def test_a_window_seen_again_while_calibrating_is_scored_but_not_counted_twice():
@@ -91,7 +108,7 @@ def test_cs_calibrate_zero_never_calibrates_and_the_config_checks_its_value():
     eng = cs_engine(0)
     assert set(families(eng.score(stream("e", 8)))) == {"cs-jumpstarter"} and eng.calibrating == []
     with pytest.raises(ConfigError, match="--cs-calibrate.*0 or at least 5"):
-        EngineConfig(cs_calibrate=3)
+        EngineConfig(cs_calibrate=3, cs_handover=0)
 
 
 def test_a_window_whose_feature_set_changes_restarts_calibration():
@@ -123,31 +140,31 @@ def test_a_saved_calibration_goes_on_after_a_restart_and_in_another_replica(tmp_
     with the very calibration the first one made, from its first window: the same scores, no jump-start."""
     from osad.detector.calibrations import CalibrationStore
 
-    first = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5), store=CalibrationStore(tmp_path))
+    first = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5, cs_handover=0), store=CalibrationStore(tmp_path))
     first.score(stream("e", 5))
     later = stream("e", 3, first=59 + 25)
     want = first.score(later)
     assert families(want) == ["cs-calibrated"] * 3
-    second = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5), store=CalibrationStore(tmp_path))
+    second = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5, cs_handover=0), store=CalibrationStore(tmp_path))
     got = second.score(later)
     assert [s.model_id for s in got] == [s.model_id for s in want] and second.calibrating == []
     np.testing.assert_allclose([s.score for s in got], [s.score for s in want], rtol=1e-12)
     np.testing.assert_allclose([s.contributions for s in got], [s.contributions for s in want], rtol=1e-12)
     assert second.store.restored == 1
     # other options, features or scaling: that calibration is not used; the entity calibrates again
-    other = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5),
+    other = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5, cs_handover=0),
                    calibrated=CalibratedCSScorer(gap=5, max_iter=40, quantile=0.99), store=CalibrationStore(tmp_path))
     assert families(other.score(later)) == ["cs-jumpstarter"] * 3 and other.store.rejected == 1
-    rescaled = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5), store=CalibrationStore(tmp_path))
+    rescaled = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5, cs_handover=0), store=CalibrationStore(tmp_path))
     assert families(rescaled.score([window("e", 59 + 25, scaling_id="new")])) == ["cs-jumpstarter"]
     # a damaged file: said, moved aside, calibrated again; every window still scored
     path = CalibrationStore(tmp_path).path("e")
     path.write_bytes(path.read_bytes()[:100])
-    third = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5), store=CalibrationStore(tmp_path))
+    third = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5, cs_handover=0), store=CalibrationStore(tmp_path))
     assert families(third.score(later)) == ["cs-jumpstarter"] * 3
     assert third.store.corrupt == 1 and len(list(tmp_path.glob(path.name + ".corrupt-*"))) == 1 and "unreadable" in caplog.text
     # an entity evicted from the bounded memory comes back from the store, not from a new calibration
-    small = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5, cs_max_entities=1),
+    small = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5, cs_handover=0, cs_max_entities=1),
                    store=CalibrationStore(tmp_path / "lru"))
     small.score(stream("x", 5) + stream("y", 5))
     assert small.calibrated_entities == ["y"]
@@ -164,7 +181,7 @@ def test_the_state_folder_must_be_writable(tmp_path):
 
 
 def test_the_calibrated_scorer_keeps_the_jump_start_scorers_options():
-    eng = Engine(CSScorer(gap=10, max_iter=40, seed=3, sample_rate=0.5), EngineConfig(cs_calibrate=5))
+    eng = Engine(CSScorer(gap=10, max_iter=40, seed=3, sample_rate=0.5), EngineConfig(cs_calibrate=5, cs_handover=0))
     eng.score(stream("e", 5))  # windows of gap 5
     fitted = eng.calibrated_for("e")
     assert isinstance(fitted, CalibratedCSScorer) and fitted.fitted
@@ -298,7 +315,7 @@ def test_windows_no_checkpoint_matches_go_to_the_online_trainer_and_its_model_is
     trainer = FakeTrainer()
     f = CheckpointFolder(ModelsConfig(models=str(tmp_path), reload_s=1e9), loader=lambda p: loaded[p.stem])
     f.scan(force=True)
-    eng = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=0), folder=f, trainer=trainer)
+    eng = Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=0, cs_handover=0), folder=f, trainer=trainer)
     out = eng.score([mwin("e", 59), mwin("e", 64)])
     assert families(out) == ["cs-jumpstarter"] * 2 and trainer.observed == ["e", "e"]
     # the trainer finishes and writes its checkpoint; the next refresh scans at once (reload_s is far off)

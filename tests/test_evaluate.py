@@ -187,23 +187,23 @@ def test_incident_metrics_apply_the_alerter_rule_on_windows():
     y = np.zeros(104, int)
     y[6:9] = 1  # in window 1: found by the first incident (evidence from window 1), published at point 23
     y[55:60] = 1  # in window 6: missed
-    r = incident_metrics(ws, pmap, y, 5.0, open_after=2, close_after=3, interval_s=60.0)
+    r = incident_metrics(ws, pmap, y, 4.0, open_after=2, close_after=3, interval_s=60.0)
     assert r["incidents"] == 2 and r["segments"] == 2 and r["segments_found"] == 1
     assert r["event_recall"] == 0.5
     assert r["detection_delay"] == 23 - 6  # to the end of the publishing window
     assert r["false_incidents"] == 1  # the one from window 8 on covers no label
     assert r["false_incidents_per_day"] == pytest.approx(1 / (104 * 60 / 86400))
-    # the threshold flags score >= threshold; above every score: nothing at all
-    q = incident_metrics(ws, pmap, y, 5.0001, open_after=2, close_after=3, interval_s=60.0)
+    # the threshold flags score > threshold (the alerter's rule); at every score's level: nothing at all
+    q = incident_metrics(ws, pmap, y, 5.0, open_after=2, close_after=3, interval_s=60.0)
     assert (q["incidents"], q["false_incidents"], q["event_recall"]) == (0, 0, 0.0) and np.isnan(q["detection_delay"])
     # open_after = close_after = 1: incidents are the runs of windows over the threshold; window 6 finds y[55:60]
-    one = incident_metrics(ws, pmap, y, 5.0, open_after=1, close_after=1, interval_s=60.0)
+    one = incident_metrics(ws, pmap, y, 4.0, open_after=1, close_after=1, interval_s=60.0)
     assert (one["incidents"], one["event_recall"], one["false_incidents"]) == (3, 1.0, 1)
     assert one["detection_delay"] == np.median([13 - 6, 63 - 55])
     # a segment that began before the incident was published: delay 0 if published before it starts
     y2 = np.zeros(104, int)
     y2[30:33] = 1  # window 3, the incident (published at point 23) is still open
-    assert incident_metrics(ws, pmap, y2, 5.0, open_after=2, close_after=3, interval_s=60.0)["detection_delay"] == 0
+    assert incident_metrics(ws, pmap, y2, 4.0, open_after=2, close_after=3, interval_s=60.0)["detection_delay"] == 0
 
 
 def test_incidents_match_what_the_alerter_publishes():

@@ -465,7 +465,8 @@ def test_fuzzed_inputs_are_dead_lettered_and_every_service_goes_on(broker, topic
     common = ["--bootstrap", broker.bootstrap, "--log-level", "WARNING"]
     argv = {
         "sample": ["featurizer", *common, "--state-dir", str(tmp_path / "fstate"), *FEATURIZER_ARGS],
-        "window": ["detect", *common, "--models", str(tmp_path / "models"), "--max-wait-ms", "100"],
+        "window": ["detect", *common, "--models", str(tmp_path / "models"), "--max-wait-ms", "100",
+                   "--cs-handover", "0"],  # one Score per window: counted against the good windows
         "score": ["alert", *common, "--store", f"sqlite:///{tmp_path}/a.db", "--calibration-scores",
                   str(ALERT_CALIBRATION)],
     }

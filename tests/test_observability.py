@@ -219,7 +219,8 @@ def score(entity: str, i: int, v: float, hot: int = 1, model: str = "cs-jumpstar
 
 
 def test_alerter_threshold_and_incident_series_follow_its_memory_and_counters_count_by_severity(tmp_path):
-    al = Alerter(AlerterConfig(calibration_scores=20, max_entities=1), open_store(f"sqlite:///{tmp_path}/a.db"))
+    al = Alerter(AlerterConfig(calibration_scores=20, arm_scores=0, max_entities=1),
+                 open_store(f"sqlite:///{tmp_path}/a.db"))
     m = ServiceMetrics("alerter")
     al.bind_metrics(m)
     a = "web-1/42@7"
@@ -300,7 +301,7 @@ def test_detector_last_score_series_are_the_latest_scores_and_bounded():
     from osad.detector.service import BatchConfig, Detector
 
     now = [0.0]
-    det = Detector(Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5)), BatchConfig(max_batch=1),
+    det = Detector(Engine(CSScorer(gap=5, max_iter=40), EngineConfig(cs_calibrate=5, cs_handover=0)), BatchConfig(max_batch=1),
                    clock=lambda: now[0], series_max_entities=2, series_idle_s=100.0)
     m = ServiceMetrics("detector")
     det.bind_metrics(m)
@@ -545,7 +546,7 @@ def test_dashboard_and_rules_metrics_are_served_by_the_real_services(broker, top
                           "--models", str(tmp_path / "models"), "--max-wait-ms", "50", "--cs-calibrate", "0"],
                          tmp_path / "detector.log"),
         "alerter": Proc(["alert", "--bootstrap", broker.bootstrap, "--metrics-port", str(ports["alerter"]),
-                         "--store", f"sqlite:///{tmp_path}/a.db", "--calibration-scores", "20",
+                         "--store", f"sqlite:///{tmp_path}/a.db", "--calibration-scores", "20", "--arm-scores", "0",
                          "--jsonl", str(tmp_path / "anomalies.jsonl")], tmp_path / "alerter.log"),
         # the collector watches a sleeping process and records to a file (its Samples stay out of the pipeline)
         "collector": Proc(["collect", "--command", "sleep 600", "--output", f"jsonl:{tmp_path}/collector.jsonl",
