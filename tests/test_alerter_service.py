@@ -252,3 +252,30 @@ def test_alerter_on_the_broker_redelivery_and_restart(broker, topic_prefix, tmp_
     out.run_to_end(60)
     listed = json.loads(out.text())
     assert [x["anomaly_id"] for x in listed] == [second[0], one[0][0]]
+
+
+def test_an_adapting_threshold_continues_where_it_was_after_a_restart(tmp_path):
+    """--adapt: the drift-aware threshold a stream learnt is in the store; a restarted alerter (a new process on
+    the same SQLite file) judges the next Scores by exactly the thresholds the first would have."""
+    url = f"sqlite:///{tmp_path}/a.db"
+    cfg = AlerterConfig(calibration_scores=60, adapt=True)
+    rising = [score(i, (1.0 + 0.05 * math.sin(i)) * (1 + i / 400)) for i in range(300)]
+    ref = Alerter(cfg, open_store(f"sqlite:///{tmp_path}/ref.db"))
+    first = Alerter(cfg, open_store(url))
+    run(ref, rising[:200])
+    run(first, rising[:200])
+    ack(first)
+    first.shutdown()
+    st = first.engine.entities[ENTITY].streams["cs-jumpstarter:v1"]
+    assert st.method == "dspot" and open_store(url, readonly=True).load_state(ENTITY)["streams"][
+        "cs-jumpstarter:v1"]["tracker"]["dspot"]["learned"] > 100
+    second = Alerter(cfg, open_store(url))
+    t_ref, t_second = [], []
+    for k, s in enumerate(rising[200:]):
+        run(ref, [s], offset0=200 + k)
+        run(second, [s], offset0=200 + k)
+        t_ref.append(ref.engine.entities[ENTITY].streams["cs-jumpstarter:v1"].threshold)
+        t_second.append(second.engine.entities[ENTITY].streams["cs-jumpstarter:v1"].threshold)
+    assert t_second == t_ref and t_ref[-1] > t_ref[0]  # it went on adapting, identically
+    second.shutdown()
+    ref.shutdown()
