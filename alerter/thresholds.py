@@ -86,7 +86,7 @@ def learn(cfg: AlerterConfig, st: Stream, s: Score, normal: bool) -> str | None:
     event = tr.update(s.score, learn=normal)
     st.threshold, st.method = tr.value, tr.method
     if event == "calibrated":
-        info = getattr(tr, "info", {}) or {}
+        info = tr.info
         out = info.get("left_out", 0)
         log.info("threshold for %s of %s is %.6g (%s on %d scores%s)", s.model_id, s.entity_id, st.threshold,
                  tr.method, cfg.calibration_scores,

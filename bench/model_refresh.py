@@ -53,19 +53,7 @@ def compute(args):
 
 def refit(sc, v, r):
     import copy
-    s = copy.deepcopy(sc)
-    rows = v[:, -s.cs.gap:, :].reshape(-1, v.shape[-1])
-    s.pca_mean_ = rows.mean(axis=0)
-    _, sv, vt = np.linalg.svd(rows - s.pca_mean_, full_matrices=False)
-    var = sv ** 2
-    k = vt.shape[0] if var.sum() <= 0 else int(np.searchsorted(np.cumsum(var) / var.sum(), s.variance - 1e-12) + 1)
-    s.components_ = vt[: min(k, vt.shape[0])]
-    idx = np.unique(np.linspace(0, v.shape[0] - 1, min(v.shape[0], s.max_calibration_windows)).astype(int))
-    rr, e, d = s._pca_terms(v[idx], r[idx])
-    a_cs, a_pca = s.summaries(rr, e)
-    s.cs_loc_, s.cs_scale_ = s._range(a_cs); s.pca_loc_, s.pca_scale_ = s._range(a_pca)
-    s.pdc_loc_, s.pdc_scale_ = s._range(s._tail_mean(d))
-    return s
+    return copy.deepcopy(sc).fit_residuals(v, r)
 
 def score(sc, v, r):
     return np.asarray(sc._score_residual(v, *sc._pca_terms(v, r)).scores, np.float64)

@@ -522,6 +522,8 @@ class DSPOT:
         return o
 
 
+#: a threshold is never below this (a constant calibration period would give 0)
+MIN_VALUE = 1e-9
 #: scores a stream needs before its first (provisional) threshold: about 2.5 minutes of windows at the defaults
 ARM_SCORES = 16
 #: the provisional threshold is the largest fenced score so far times ``1 + PROVISIONAL_SPREAD * (ARM_SCORES / n) **
@@ -585,6 +587,7 @@ class StreamThreshold:
         self.calib: list[float] = []
         self.value: float | None = None
         self.method = ""
+        self.info: dict = {}  # what POT said at calibration (its fence, peaks, ...)
         self.dspot: DSPOT | None = None
 
     @property
@@ -649,10 +652,6 @@ class StreamThreshold:
         t.method = d.get("method") or ""
         t.dspot = DSPOT.from_dict(d["dspot"]) if d.get("dspot") else None
         return t
-
-
-#: a threshold is never below this (a constant calibration period would give 0)
-MIN_VALUE = 1e-9
 
 
 def judge_stream(tracker: StreamThreshold, scores, open_after: int, close_after: int) -> np.ndarray:

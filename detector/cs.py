@@ -586,14 +586,30 @@ class CalibratedCSScorer(Scorer):
         if windows.size == 0:
             raise ValueError("CalibratedCSScorer.fit: no calibration windows; give normal windows or skip fit")
         v = np.asarray(windows.values, dtype=np.float64)
+        idx = self._fit_pca(v)
+        return self._fit_ranges(*self._residuals(v[idx]))
+
+    def fit_residuals(self, values: np.ndarray, residuals: np.ndarray) -> "CalibratedCSScorer":
+        """:meth:`fit` on windows whose CS residuals ``|x - x_hat|`` [B, T, N] are known already (they do not
+        depend on the calibration), without reconstructing them again."""
+        v = np.asarray(values, dtype=np.float64)
+        if v.shape[0] == 0:
+            raise ValueError("CalibratedCSScorer.fit_residuals: no calibration windows")
+        idx = self._fit_pca(v)
+        return self._fit_ranges(*self._pca_terms(v[idx], np.asarray(residuals, np.float64)[idx]))
+
+    def _fit_pca(self, v: np.ndarray) -> np.ndarray:
+        """PCA on the windows' newest ``gap`` rows; returns the evenly spaced windows the ranges are fitted on."""
         rows = v[:, -self.cs.gap:, :].reshape(-1, v.shape[-1])
         self.pca_mean_ = rows.mean(axis=0)
         _, s, vt = np.linalg.svd(rows - self.pca_mean_, full_matrices=False)
         var = s ** 2
         k = vt.shape[0] if var.sum() <= 0 else int(np.searchsorted(np.cumsum(var) / var.sum(), self.variance - 1e-12) + 1)
         self.components_ = vt[: min(k, vt.shape[0])]
-        idx = np.unique(np.linspace(0, windows.size - 1, min(windows.size, self.max_calibration_windows)).astype(int))
-        r, e, d = self._residuals(v[idx])
+        return np.unique(np.linspace(0, v.shape[0] - 1, min(v.shape[0], self.max_calibration_windows)).astype(int))
+
+    def _fit_ranges(self, r: np.ndarray, e: np.ndarray, d: np.ndarray) -> "CalibratedCSScorer":
+        """The normal range of both residual summaries and of the PCA decomposition."""
         a_cs, a_pca = self.summaries(r, e)
         self.cs_loc_, self.cs_scale_ = self._range(a_cs)
         self.pca_loc_, self.pca_scale_ = self._range(a_pca)

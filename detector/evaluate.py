@@ -39,7 +39,7 @@ from osad.core import metrics as M
 from osad.core.datasets import Entity, list_entities, load_entity
 from osad.core.signature import DEFAULT_GAP, DEFAULT_SCALES, DEFAULT_STEP, Ranges, signature_windows, span
 from osad.alerter.thresholds import adapt_settings
-from osad.core.thresholds import DEFAULT_FENCE_K, StreamThreshold, judge_stream, pot_threshold
+from osad.core.thresholds import DEFAULT_FENCE_K, StreamThreshold, judge_stream
 from osad.runtime.config import Config, in_range, setting
 
 from . import registry
@@ -289,7 +289,7 @@ class EvalConfig(Config):
                                   check=in_range(0, 0.9))
     q: float = setting(1e-3, help="POT risk: probability that a normal window exceeds the threshold",
                        check=in_range(0, 1))
-    level: float = 0.98  # POT's initial-threshold quantile
+    level: float = 0.98  # POT's initial-threshold quantile (pot_threshold's default; recorded in results.json)
     fence: float = setting(DEFAULT_FENCE_K, flag="--calibration-fence", check=_fence,
                            help="leave out held-out scores above Q3 + this many IQR (at most 5%) before POT, as "
                            "'osad alert' does (0: off)")
@@ -367,7 +367,7 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
         # test windows judged normal, causally (the threshold in force when each window arrives)
         tracker = StreamThreshold(calibration=max(val_scores.size, 2), q=cfg.q, fence_k=cfg.fence or None, arm=0,
                                   adapt=adapt_settings() if cfg.adapt else None).fit(val_scores)
-        thr = pot_threshold(val_scores, q=cfg.q, level=cfg.level, fence_k=cfg.fence or None)
+        thr0 = tracker.value  # POT on the tail (DSPOT's first threshold with --adapt)
         s, c, w_scores, pmap = score_points(scorer, xtr, xte, seq0=seq0 + n_train, with_map=True, **pkw)
         thr_w = judge_stream(tracker, w_scores, cfg.open_after, cfg.close_after)
         t2 = time.perf_counter()
@@ -377,8 +377,8 @@ def evaluate_entity(root, name: str, models, cfg: EvalConfig = EvalConfig(), kee
             "f1": best["f1"], "auprc": M.auprc(s, labels), "pa_f1": M.pa_best_f1(s, labels)["f1"],
             "deployed_f1": dep["f1"],
             "hitrate@100": M.hitrate(c, ent.interpretation, 100), "hitrate@150": M.hitrate(c, ent.interpretation, 150),
-            "best_threshold": best["threshold"], "threshold": thr.value, "threshold_method": tracker.method,
-            "threshold_last": float(thr_w[-1]) if thr_w.size else thr.value,
+            "best_threshold": best["threshold"], "threshold": thr0, "threshold_method": tracker.method,
+            "threshold_last": float(thr_w[-1]) if thr_w.size else thr0,
             "deployed_precision": dep["precision"], "deployed_recall": dep["recall"],
             "model_id": scorer.model_id, "fit_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3),
             "windows_scored": int(val_scores.size + w_scores.size),
